@@ -1,0 +1,381 @@
+"""The typed configuration schema of a run.
+
+Every Hydra config group (`conf/model`, `conf/optimizer`, ...) fills one of the dataclasses below.
+The composed Hydra config is merged onto `RunConfig` with OmegaConf's structured-config machinery,
+so an unknown key or a value of the wrong type fails *before anything runs*, naming the key. The
+trainer then receives plain dataclass objects (never a DictConfig) and never imports Hydra.
+
+This module imports only the standard library and omegaconf: `launch.py --help` and every Hydra
+composition stay fast, and the schema pickles cleanly into SLURM jobs and spawned ranks.
+
+Cross-field rules live in `validate()`, which raises `ConfigError` with a one-line message that
+names the fix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional
+
+MODEL_ARCHS = ("unet", "transformer")
+OPTIMIZERS = ("muon", "adamw")
+OBJECTIVES = ("mlm",)
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("auto", "flex", "sdpa")
+HEADS = ("mlp", "linear")
+RESUME = ("auto", "never", "must")
+LOGGERS = ("none", "wandb")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message is one line and names the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "unet"  # unet | transformer (plain ESM-style stack)
+    dim: int = 768
+    n_layers: int = 24
+    n_heads: int = 6
+    mlp_ratio: float = 8 / 3  # hidden = ceil(mlp_ratio * dim / mlp_multiple) * mlp_multiple
+    mlp_multiple: int = 256
+    vocab_size: int = 33
+    value_embeddings: bool = True  # UNet only: one table per encoder layer, reused by its decoder twin
+    tie_embeddings: bool = False  # LM-head decoder shares the token-embedding matrix
+    head: str = "mlp"  # mlp: dense->GELU->decoder+bias (current reference); linear: zero-init d x V (Dec-2024)
+    soft_cap: float = 32.0  # tanh logit soft-cap c*tanh(z/c); 0 disables
+    token_dropout: bool = True  # zero the <mask> embedding (ESM-style; the rescale is cancelled by the norm)
+    rope_base: float = 10000.0
+    attention: str = "auto"  # auto: FlexAttention on CUDA, SDPA elsewhere (same mask function)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "muon"  # muon (hidden matrices) + Adam groups | adamw (everything)
+    # Muon for >=2-D hidden matrices
+    lr_hidden: float = 0.05
+    momentum: float = 0.95
+    momentum_warmup_start: float = 0.85
+    momentum_warmup_steps: int = 300
+    nesterov: bool = True
+    ns_steps: int = 5
+    # Adam groups that go with Muon (embeddings / head / scalars)
+    lr_embed: float = 0.06
+    lr_head: float = 0.008
+    lr_scalar: float = 0.04
+    betas: List[float] = field(default_factory=lambda: [0.8, 0.95])
+    eps: float = 1e-8
+    # AdamW for everything (optimizer=adamw)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # schedule: multiplier on every group's lr
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, linear decay) | constant
+    warmup_steps: int = 1000
+    muon_warmup: bool = False  # the reference gives Muon no warm-up
+    cooldown_frac: float = 0.2  # wsd: fraction of steps in the final linear decay
+    min_lr_frac: float = 0.0  # floor of the multiplier at the end of the schedule
+    grad_clip: float = 0.0  # clip the global grad norm to this value; 0 = off
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "mlm"
+    mask_rate: float = 0.2
+    mask_rate_start: Optional[float] = None  # with mask_rate_steps: linear schedule start -> mask_rate
+    mask_rate_steps: int = 0
+    replace: bool = False  # 80/10/10 (<mask>/random/unchanged) instead of <mask>-only
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"  # the embedded Swiss-Prot 2014 sample, or a shard-folder dataset
+    path: Optional[str] = None  # folder of *_train_*.bin / *_valid_*.bin / *_test_*.bin shards
+    max_length: int = 1024  # training crop length in tokens (specials included); long docs are cropped
+    seed: int = 0  # data order (per-epoch reshuffle)
+    prefetch: int = 2  # batches prepared ahead by the background loader thread
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    gpus: int = 1  # ranks on this node (spawned by launch.py)
+    precision: str = "fp32"  # fp32 | bf16 (bf16 activations, fp32 master weights)
+    compile: bool = False
+    micro_batch_tokens: int = 4096  # tokens per rank per forward/backward
+    grad_accum: Optional[int] = None  # derived from train.batch_tokens when null
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave as is
+    warmup_steps: int = 0  # untimed compile warm-up steps (state restored afterwards)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_tokens: Optional[int] = None  # global tokens per optimizer step; null = micro x accum x ranks
+    log_every: int = 10
+    window_start: int = 1024  # sliding-window schedule: window_start -> window_end tokens, multiples of 128
+    window_end: Optional[int] = None  # null = data.max_length
+    max_minutes: float = 0.0  # stop training after this much train time (0 = no limit)
+    stop_at_target: bool = False  # end the run when validation first reaches target_loss
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 100  # 0 = only at the end
+    mask_rate: float = 0.15
+    seed: int = 1234  # the same masks at every evaluation
+    max_tokens: int = 0  # cap on validation tokens per evaluation (0 = whole split)
+    batch_tokens: int = 0  # tokens per eval forward (0 = hardware.micro_batch_tokens)
+    test: bool = False  # also evaluate the test split at the end
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = only the final checkpoint
+    keep_last: int = 2
+    final: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    name: str = "default"
+    seed: int = 0
+    dry_run: bool = False
+    target_loss: Optional[float] = None  # record train time and tokens when val loss first reaches it
+    resume: str = "auto"  # auto: continue from the run dir's newest checkpoint; never; must
+    logger: str = "none"
+
+
+def _choice(value: str, allowed: tuple, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}: set {key} to one of them")
+
+
+def mlp_hidden(m: ModelConfig) -> int:
+    """Hidden width of the MLP: ceil(r*d/multiple)*multiple, as the reference's correction_fn."""
+    return int(math.ceil(m.mlp_ratio * m.dim / m.mlp_multiple - 1e-9)) * m.mlp_multiple
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks that a structured config cannot express. Raises ConfigError."""
+    m, o, ob, d, h, t, e = cfg.model, cfg.optimizer, cfg.objective, cfg.data, cfg.hardware, cfg.train, cfg.eval
+    _choice(m.arch, MODEL_ARCHS, "model.arch")
+    _choice(m.head, HEADS, "model.head")
+    _choice(m.attention, ATTENTION, "model.attention")
+    _choice(o.name, OPTIMIZERS, "optimizer.name")
+    _choice(o.schedule, SCHEDULES, "optimizer.schedule")
+    _choice(ob.name, OBJECTIVES, "objective.name")
+    _choice(h.precision, PRECISIONS, "hardware.precision")
+    _choice(h.device, DEVICES, "hardware.device")
+    _choice(cfg.resume, RESUME, "resume")
+    _choice(cfg.logger, LOGGERS, "logger")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}: change one of them")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"head dim {m.dim // m.n_heads} must be even for RoPE: change model.dim or model.n_heads")
+    if m.arch == "unet" and m.n_layers % 2:
+        raise ConfigError(f"model.arch=unet needs an even model.n_layers (got {m.n_layers})")
+    if m.vocab_size < 33:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the 33-token ESM vocabulary")
+    if m.tie_embeddings and m.head == "linear":
+        raise ConfigError("model.tie_embeddings=true needs model.head=mlp (the linear head is zero-initialised)")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optimizer.betas={list(o.betas)} must be two numbers in [0, 1)")
+    if not 0.0 <= o.cooldown_frac <= 1.0:
+        raise ConfigError(f"optimizer.cooldown_frac={o.cooldown_frac} must be in [0, 1]")
+    for key in ("mask_rate",):
+        if not 0.0 < getattr(ob, key) < 1.0:
+            raise ConfigError(f"objective.{key}={getattr(ob, key)} must be in (0, 1)")
+    if ob.mask_rate_start is not None and not 0.0 < ob.mask_rate_start < 1.0:
+        raise ConfigError(f"objective.mask_rate_start={ob.mask_rate_start} must be in (0, 1)")
+    if not 0.0 < e.mask_rate < 1.0:
+        raise ConfigError(f"eval.mask_rate={e.mask_rate} must be in (0, 1)")
+    if d.max_length < 8:
+        raise ConfigError(f"data.max_length={d.max_length} is too small: use at least 8 tokens")
+    if h.micro_batch_tokens < d.max_length:
+        raise ConfigError(f"hardware.micro_batch_tokens={h.micro_batch_tokens} is smaller than data.max_length="
+                          f"{d.max_length}: raise the micro-batch or lower data.max_length")
+    if h.gpus < 1:
+        raise ConfigError(f"hardware.gpus={h.gpus} must be at least 1")
+    if t.max_steps < 0:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be >= 0")
+    if t.window_start < 1:
+        raise ConfigError(f"train.window_start={t.window_start} must be positive")
+    if d.name != "sample" and not d.path:
+        raise ConfigError(f"data={d.name} needs a shard folder: pass data.path=DIR")
+    return cfg
+
+
+def batch_geometry(cfg: RunConfig, world_size: int) -> dict:
+    """Resolve tokens per micro-batch, gradient accumulation and the global batch for `world_size` ranks.
+
+    The global batch is a token count; accumulation is derived from it, the ranks and the micro-batch:
+    524,288 / 4 ranks / 65,536 = 2 micro-steps (the reference README's arithmetic).
+    """
+    micro = cfg.hardware.micro_batch_tokens
+    accum = cfg.hardware.grad_accum
+    total = cfg.train.batch_tokens
+    if total is None:
+        accum = accum or 1
+        total = micro * accum * world_size
+    else:
+        per_step = micro * world_size
+        if total % per_step:
+            raise ConfigError(
+                f"train.batch_tokens={total} is not divisible by hardware.micro_batch_tokens={micro} x {world_size} "
+                f"rank(s) = {per_step}: change train.batch_tokens or hardware.micro_batch_tokens")
+        derived = total // per_step
+        if accum is not None and accum != derived:
+            raise ConfigError(
+                f"hardware.grad_accum={accum} disagrees with train.batch_tokens={total} / ({micro} x {world_size} "
+                f"ranks) = {derived}: set hardware.grad_accum=null or fix the numbers")
+        accum = derived
+    return {"micro_batch_tokens": micro, "grad_accum": accum, "world_size": world_size, "batch_tokens": total}
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (for JSON and YAML)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(x) for x in obj]
+    return obj
+
+
+def from_container(container: Any) -> RunConfig:
+    """Merge a composed config (DictConfig or dict) onto the schema and return typed dataclasses.
+
+    Unknown keys and wrong types raise ConfigError naming the key; cross-field rules run too.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        if not isinstance(container, dict):  # a DictConfig: resolve everything but Hydra's own node
+            container = {k: (OmegaConf.to_container(container[k], resolve=True)
+                             if OmegaConf.is_config(container[k]) else container[k])
+                         for k in container if k != "hydra"}
+        container = {k: v for k, v in container.items() if k != "hydra"}
+        merged = OmegaConf.merge(schema, container)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    return validate(cfg)
+
+
+def _omegaconf_message(exc: Exception) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in str(exc) or "Key '" in msg and "not" in msg:
+        return f"unknown config key '{key}': check the spelling (python launch.py --cfg job lists every key)"
+    return f"bad value for '{key}': {msg}"
+
+
+def register_schema() -> None:
+    """Register `RunConfig` with Hydra's ConfigStore as `schema`, so composition is type-checked."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=RunConfig)
+
+
+# ---- command-line pre-check: one-line errors with a suggestion, before Hydra composes anything ----
+GROUPS = ("model", "optimizer", "objective", "data", "hardware", "experiment")
+
+
+def _schema_keys(cls=RunConfig, prefix: str = "") -> dict:
+    """Flattened 'a.b' -> field type of the schema."""
+    import typing
+
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        if is_dataclass(t):
+            out.update(_schema_keys(t, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = t
+    return out
+
+
+def _convert(value: Any, t) -> None:
+    import typing
+
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        if type(None) in typing.get_args(t):
+            return
+        raise ValueError("null is not allowed here")
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    base = args[0] if typing.get_origin(t) is typing.Union and args else t
+    if typing.get_origin(base) in (list, List):
+        return
+    if base is bool:
+        if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+            raise ValueError("expected true or false")
+    elif base is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("expected an integer")
+        try:
+            int(value)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    elif base is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            float(value)
+        except ValueError:
+            raise ValueError("expected a number") from None
+
+
+def check_overrides(args: list[str], conf_dir: str) -> Optional[str]:
+    """Return a one-line error for the first bad `key=value` / `group=option` override, else None."""
+    import difflib
+    import os
+
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.core.override_parser.types import ChoiceSweep, RangeSweep, IntervalSweep
+    except ImportError:  # pragma: no cover
+        return None
+    keys = _schema_keys()
+    cands = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(cands)
+    except Exception as exc:  # Hydra will report syntax errors itself
+        return f"cannot parse override: {str(exc).splitlines()[0]}"
+    for ov in parsed:
+        key = ov.key_or_group
+        if key.startswith("hydra") or ov.package or ov.is_delete() or ov.is_add() or ov.is_force_add():
+            continue
+        value = ov.value()
+        values = value.list if isinstance(value, ChoiceSweep) else (
+            [] if isinstance(value, (RangeSweep, IntervalSweep)) else [value])
+        if key in GROUPS or key == "local":
+            group_dir = os.path.join(conf_dir, key)
+            opts = sorted(p[:-5] for p in os.listdir(group_dir) if p.endswith(".yaml")) if os.path.isdir(group_dir) else []
+            for v in values:
+                if str(v) not in opts and not (key == "experiment" and v is None):
+                    close = difflib.get_close_matches(str(v), opts, n=1)
+                    hint = f"did you mean {key}={close[0]}? " if close else ""
+                    return f"unknown {key} option '{v}': {hint}choose one of {', '.join(opts)}"
+            continue
+        if key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            return f"unknown config key '{key}': {hint}(python launch.py --cfg job lists every key)"
+        for v in values:
+            try:
+                _convert(v, keys[key])
+            except (ValueError, TypeError) as exc:
+                return f"bad value {key}={v!r}: {exc}"
+    return None

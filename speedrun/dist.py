@@ -1,0 +1,132 @@
+"""Distributed setup: who am I, which device, and how the ranks were started.
+
+Precedence (STYLE.md §3.4):
+1. `RANK`/`WORLD_SIZE` already in the environment (torchrun or another launcher): trust them.
+2. Inside a submitit/SLURM job with several tasks: each task is one rank; rank and world come from the
+   job environment (`submitit.helpers.TorchDistributedEnvironment`).
+3. `hardware.gpus > 1` locally: `launch.py` composed the config once; `spawn()` starts the N ranks
+   itself and hands each the typed config (one run directory, not N).
+4. Otherwise: one process, no process group — the same code path with world size 1.
+
+Device: `cuda:0` when the job sees one GPU (SLURM bound one GPU per task), else `cuda:LOCAL_RANK` —
+the fix for "invalid device ordinal" (STYLE.md §2.2 #12). Backend: NCCL on GPU, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    mode: str = "single"  # single | spawn | torchrun | submitit
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(want: str, local_rank: int) -> torch.device:
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu")
+    n = torch.cuda.device_count()
+    idx = 0 if n == 1 else local_rank
+    if idx >= n:
+        raise RuntimeError(f"rank with local rank {local_rank} needs GPU {idx} but only {n} are visible: "
+                           "lower hardware.gpus or fix CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", idx)
+
+
+def _submitit_env():
+    if "SLURM_JOB_ID" not in os.environ or "SUBMITIT_EXECUTOR" not in os.environ and "SUBMITIT_FOLDER" not in os.environ:
+        return None
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        return env if env.num_tasks > 1 else None
+    except Exception:
+        return None
+
+
+def detect_mode(gpus: int) -> str:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    if _submitit_env() is not None:
+        return "submitit"
+    return "spawn" if gpus > 1 else "single"
+
+
+def init(device_pref: str, mode: str) -> DistInfo:
+    """Initialise this process as a rank (or as the only process). Call once per process."""
+    if mode == "submitit":
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if mode == "single":
+        return DistInfo(device=pick_device(device_pref, 0))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(device_pref, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=timedelta(minutes=30), **kwargs)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, mode=mode)
+
+
+def _spawned(local_rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SPEEDRUN_SPAWNED="1")
+    fn(*args)
+
+
+def spawn(fn: Callable, nprocs: int, args: tuple) -> None:
+    """Run fn(*args) in `nprocs` fresh processes (start method spawn) with rank variables set."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    mp.start_processes(_spawned, args=(nprocs, port, fn, args), nprocs=nprocs, start_method="spawn", join=True)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_max(x: float, info: DistInfo) -> float:
+    if not info.distributed:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()

@@ -1,0 +1,246 @@
+"""The protein language models: the reference UNet transformer and a plain ESM-style stack.
+
+UNet (RECIPE.md §4, `model.arch=unet`), d=768 / 24 layers / 6 heads / MLP 8/3 -> 133,065,357 parameters:
+
+* input: token embedding (N(0,1)), token dropout (the `<mask>` row is zeroed), RMS norm -> x and x0;
+* L/2 value-embedding tables; encoder layer i uses table i, decoder layer i uses table L/2-1-i;
+* block: x <- λ0·x + λ1·x0 (λ learnable, init [1, 0]); x += Attn(norm(x), ve); x += MLP(norm(x));
+* attention: separate q/k/v/o (d×d, bias-free), v <- λv0·v + λv1·ve (init [0.5, 0.5]), QK-norm,
+  half-split RoPE (base 10000), bidirectional document mask with a sliding window, zero-init o;
+* MLP: down(relu(up(x))²), hidden ceil(r·d/256)·256, zero-init down;
+* skips: encoder outputs are pushed on a stack; before decoder layer i, x += w_i · pop() (w init 1);
+* head: norm -> dense d×d -> exact GELU -> decoder d×V + bias -> c·tanh(z/c) (c = 32), optionally
+  tied to the token embedding; or (`model.head=linear`) the Dec-2024 zero-init d×V matrix.
+
+`transformer` is the same stack without λ mixing, value embeddings or skips.
+
+Norms have no weights (F.rms_norm). Linear weights stay fp32 and are cast to the activation dtype
+at call time, so bf16 training keeps fp32 master weights; logits are returned in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttnContext, attend, build_context, flex_available
+from .config import ModelConfig, mlp_hidden
+from .vocab import MASK
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear layer whose fp32 weight is cast to the input's dtype at call time."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """Half-split rotary embedding: dims [0, D/2) and [D/2, D) rotate as pairs; positions 0..T-1."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self._cache: tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]] = (0, None, None)
+
+    def cos_sin(self, T: int, device: torch.device):
+        n, cos, sin = self._cache
+        if n < T or cos is None or cos.device != device:
+            t = torch.arange(T, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            cos, sin = freqs.cos(), freqs.sin()
+            self._cache = (T, cos, sin)
+        return cos[:T], sin[:T]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, H, D)
+        cos, sin = self.cos_sin(x.size(0), x.device)
+        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, value_mix: bool, rotary: Rotary):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.q, self.k, self.v = CastedLinear(dim, dim), CastedLinear(dim, dim), CastedLinear(dim, dim)
+        self.o = CastedLinear(dim, dim, zero_init=True)
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_mix else None
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], ctx: AttnContext) -> torch.Tensor:
+        T = x.size(0)
+        shape = (T, self.n_heads, self.head_dim)
+        q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)
+        if self.lambdas is not None and ve is not None:
+            v = self.lambdas[0] * v + self.lambdas[1] * ve.view(shape)
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        y = attend(q, k, v, ctx)
+        return self.o(y.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = CastedLinear(dim, hidden)
+        self.down = CastedLinear(hidden, dim, zero_init=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary, unet: bool):
+        super().__init__()
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if unet else None
+        self.attn = Attention(cfg.dim, cfg.n_heads, value_mix=unet and cfg.value_embeddings, rotary=rotary)
+        self.mlp = MLP(cfg.dim, mlp_hidden(cfg))
+
+    def forward(self, x, x0, ve, ctx):
+        if self.lambdas is not None:
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.attn(norm(x), ve, ctx)
+        return x + self.mlp(norm(x))
+
+
+class LMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.soft_cap = cfg.head, cfg.soft_cap
+        if cfg.head == "mlp":
+            self.dense = CastedLinear(cfg.dim, cfg.dim)
+            self.decoder = CastedLinear(cfg.dim, cfg.vocab_size)
+            self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        else:
+            self.decoder = CastedLinear(cfg.dim, cfg.vocab_size, zero_init=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mlp":
+            z = self.decoder(F.gelu(self.dense(h))).float() + self.bias
+        else:
+            z = self.decoder(h).float()
+        if self.soft_cap > 0:
+            z = self.soft_cap * torch.tanh(z / self.soft_cap)
+        return z
+
+
+class ProteinLM(nn.Module):
+    """`forward(input_ids, doc_ids, window)` -> final normed hidden states (T, d); `logits(h)` -> (N, V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = cfg.arch == "unet"
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        nn.init.normal_(self.embed.weight)
+        rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_base)
+        half = cfg.n_layers // 2
+        self.value_embeds = nn.ModuleList(
+            [nn.Embedding(cfg.vocab_size, cfg.dim) for _ in range(half)]
+            if self.unet and cfg.value_embeddings else [])
+        for ve in self.value_embeds:
+            nn.init.normal_(ve.weight)
+        self.blocks = nn.ModuleList([Block(cfg, rotary, self.unet) for _ in range(cfg.n_layers)])
+        self.skip_weights = nn.Parameter(torch.ones(half)) if self.unet else None
+        self.lm_head = LMHead(cfg)
+        if cfg.tie_embeddings:
+            self.lm_head.decoder.weight = self.embed.weight
+        self.attn_backend = "sdpa"
+
+    def set_attention_backend(self, device: torch.device) -> str:
+        """Pick FlexAttention on CUDA (unless model.attention=sdpa), SDPA elsewhere."""
+        want = self.cfg.attention
+        if want == "flex" and not flex_available(device):
+            raise RuntimeError(f"model.attention=flex needs CUDA (device is {device}): use model.attention=auto")
+        self.attn_backend = "flex" if want == "flex" or (want == "auto" and flex_available(device)) else "sdpa"
+        return self.attn_backend
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def embed_tokens(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if self.cfg.token_dropout:
+            x = x.masked_fill((input_ids == MASK).unsqueeze(-1), 0.0)
+        return norm(x.to(dtype))
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor, window: int | torch.Tensor,
+                dtype: torch.dtype = torch.float32, ctx: Optional[AttnContext] = None,
+                return_layers: bool = False):
+        """Hidden states for a packed stream. `input_ids`, `doc_ids`: (T,) tensors.
+
+        With return_layers, also returns the list of every block's output (for probes/embeddings).
+        """
+        if ctx is None:
+            ctx = build_context(doc_ids, window, self.attn_backend)
+        x = x0 = self.embed_tokens(input_ids, dtype)
+        ves = [ve(input_ids).to(dtype) for ve in self.value_embeds]
+        layers = []
+        if self.unet:
+            half = self.cfg.n_layers // 2
+            ves = ves + ves[::-1] if ves else [None] * self.cfg.n_layers
+            skips = []
+            for i, block in enumerate(self.blocks):
+                if i >= half:
+                    x = x + self.skip_weights[i - half].to(dtype) * skips.pop()
+                x = block(x, x0, ves[i], ctx)
+                if i < half:
+                    skips.append(x)
+                if return_layers:
+                    layers.append(x)
+        else:
+            for block in self.blocks:
+                x = block(x, x0, None, ctx)
+                if return_layers:
+                    layers.append(x)
+        h = norm(x)
+        return (h, layers) if return_layers else h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
+
+
+def count_params_formula(cfg: ModelConfig) -> int:
+    """Closed-form parameter count (RECIPE.md §4.3), used by tests and dry runs."""
+    d, L, V, h = cfg.dim, cfg.n_layers, cfg.vocab_size, mlp_hidden(cfg)
+    unet = cfg.arch == "unet"
+    per_block = 4 * d * d + 2 * d * h + (2 if unet else 0) + (2 if unet and cfg.value_embeddings else 0)
+    n = V * d + L * per_block
+    if unet:
+        n += L // 2
+        if cfg.value_embeddings:
+            n += (L // 2) * V * d
+    if cfg.head == "mlp":
+        n += d * d + V + (0 if cfg.tie_embeddings else d * V)
+    else:
+        n += d * V
+    return n
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in matrix multiplies per token (excludes embedding look-ups)."""
+    d, L, V, h = cfg.dim, cfg.n_layers, cfg.vocab_size, mlp_hidden(cfg)
+    return L * (4 * d * d + 2 * d * h) + (d * d + d * V if cfg.head == "mlp" else d * V)
+
+
+def flops_per_token(cfg: ModelConfig, mean_context: float, head_fraction: float = 1.0) -> float:
+    """Training FLOPs per token: 6 x matmul params (+ the head only on `head_fraction` of tokens)
+    plus attention 12 x L x d x mean_context (QK^T and PV, forward and backward)."""
+    d, L, V = cfg.dim, cfg.n_layers, cfg.vocab_size
+    head = (d * d + d * V) if cfg.head == "mlp" else d * V
+    body = matmul_params(cfg) - head
+    return 6 * (body + head * head_fraction) + 12 * L * d * mean_context
+
+
+__all__ = ["ProteinLM", "count_params_formula", "flops_per_token", "matmul_params", "norm"]

@@ -1,0 +1,192 @@
+"""Muon for hidden matrices, Adam for the rest, learning-rate and momentum schedules.
+
+Muon (Keller Jordan; RECIPE.md §5.1). For each hidden matrix W with gradient G:
+
+    buf <- μ·buf + (1-μ)·G                      (an EMA, written as a lerp)
+    U   <- (1-μ)·G + μ·buf  (Nesterov)  or buf
+    O   <- NewtonSchulz5(U)                     (bf16, quintic (3.4445, -4.7750, 2.0315), 5 steps,
+                                                 on the wide orientation, after dividing by ||U||_F + 1e-7)
+    W   <- W - lr·sqrt(max(1, rows/cols))·O
+
+This is exactly `torch.optim.Muon` with weight_decay=0 and adjust_lr_fn="original" (tested).
+
+Distributed: gradients are already averaged by DDP, so every rank could orthogonalise every matrix.
+Instead the work is shared: matrices are grouped by shape, each group is padded to a multiple of the
+world size, rank r orthogonalises every world-th matrix of a group, and `all_gather` hands the results
+to every rank. Works on any number of ranks (the reference asserts on numel groups and fails with
+the Patch-UNet on 4 or 8 GPUs).
+
+Parameter groups with `optimizer=muon` (RECIPE.md §5.2): matrices (ndim >= 2, not an embedding, not
+the head) -> Muon at lr_hidden; embeddings (token + value) -> Adam lr_embed; LM head -> Adam lr_head;
+scalars (λ, skip weights, head bias) -> Adam lr_scalar; Adam betas (0.8, 0.95), eps 1e-8, no decay.
+Every parameter lands in exactly one group (asserted). `optimizer=adamw`: one AdamW over everything.
+
+Schedules are pure functions of the step (no scheduler state), so resume needs only the step.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import OptimizerConfig
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise G (singular values end up near 1, roughly in [0.5, 1.5])."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.T
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.addmm(X, B, X, beta=a)
+    if transposed:
+        X = X.T
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with the work of orthogonalisation shared across data-parallel ranks."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
+        params = list(params)
+        for p in params:
+            if p.ndim != 2:
+                raise ValueError(f"Muon takes 2-D matrices only, got shape {tuple(p.shape)}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Advance p's momentum buffer (on every rank, so every rank holds the full state) and
+        return the direction to orthogonalise."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    @staticmethod
+    def _apply(p: torch.Tensor, o: torch.Tensor, lr: float) -> None:
+        scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))
+        p.add_(o.to(p.dtype), alpha=-lr * scale)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            directions = {p: self._momentum(p, group) for p in params}
+            if world == 1:
+                for p in params:
+                    self._apply(p, zeropower_via_newtonschulz5(directions[p], group["ns_steps"]), group["lr"])
+                continue
+            by_shape = defaultdict(list)
+            for p in params:
+                by_shape[tuple(p.shape)].append(p)
+            for shape, plist in by_shape.items():
+                for base in range(0, len(plist), world):
+                    chunk = plist[base:base + world]
+                    if rank < len(chunk):
+                        o = zeropower_via_newtonschulz5(directions[chunk[rank]], group["ns_steps"])
+                    else:  # this rank has no matrix in the last, partial chunk: send a placeholder
+                        o = torch.zeros(shape, dtype=torch.bfloat16, device=plist[0].device)
+                    gathered = [torch.empty_like(o) for _ in range(world)]
+                    dist.all_gather(gathered, o.contiguous())
+                    for p, op in zip(chunk, gathered):
+                        self._apply(p, op, group["lr"])
+        return None
+
+
+def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Split parameters by the reference's name rules into hidden / embed / head / scalar."""
+    groups: dict[str, list] = {"hidden": [], "embed": [], "head": [], "scalar": []}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if "embed" in name:
+            groups["embed"].append((name, p))
+        elif "lm_head" in name:
+            groups["head"].append((name, p))
+        elif p.ndim >= 2:
+            groups["hidden"].append((name, p))
+        else:
+            groups["scalar"].append((name, p))
+    n_assigned = sum(len(v) for v in groups.values())
+    n_unique = len({id(p) for p in model.parameters() if p.requires_grad})
+    assert n_assigned == n_unique, "every trainable parameter must be in exactly one optimizer group"
+    return groups
+
+
+def build_optimizers(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The optimizers of a run. Each param group remembers its base lr in 'base_lr' and its kind."""
+    fused = device.type == "cuda"
+    if cfg.name == "adamw":
+        params = [p for p in {id(p): p for p in model.parameters() if p.requires_grad}.values()]
+        opt = torch.optim.AdamW([dict(params=params, lr=cfg.lr, base_lr=cfg.lr, kind="adam")],
+                                lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                fused=fused)
+        return [opt]
+    g = param_groups(model)
+    adam_groups = [
+        dict(params=[p for _, p in g[k]], lr=lr, base_lr=lr, kind="adam", name=k)
+        for k, lr in (("embed", cfg.lr_embed), ("head", cfg.lr_head), ("scalar", cfg.lr_scalar)) if g[k]
+    ]
+    adam = torch.optim.Adam(adam_groups, lr=cfg.lr_embed, betas=tuple(cfg.betas), eps=cfg.eps,
+                            weight_decay=0.0, fused=fused)
+    muon = Muon([p for _, p in g["hidden"]], lr=cfg.lr_hidden, momentum=cfg.momentum,
+                nesterov=cfg.nesterov, ns_steps=cfg.ns_steps)
+    for group in muon.param_groups:
+        group.update(base_lr=cfg.lr_hidden, kind="muon", name="hidden")
+    return [muon, adam]
+
+
+def lr_multiplier(cfg: OptimizerConfig, step: int, total: int, warmup: bool = True) -> float:
+    """Multiplier on the base learning rate at `step` (0-based) of `total` steps."""
+    w = cfg.warmup_steps if warmup else 0
+    if w > 0 and step < w:
+        return (step + 1) / w
+    if cfg.schedule == "constant" or total <= w:
+        return 1.0
+    floor = cfg.min_lr_frac
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - w) / max(1, total - w))
+        return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # wsd: constant, then linear decay over the last cooldown_frac of the steps
+    cooldown = int(round(cfg.cooldown_frac * total))
+    start = total - cooldown
+    if step < start or cooldown == 0:
+        return 1.0
+    return floor + (1 - floor) * max(0.0, (total - step) / cooldown)
+
+
+def muon_momentum(cfg: OptimizerConfig, step: int) -> float:
+    """Momentum warm-up 0.85 -> 0.95 over momentum_warmup_steps (RECIPE.md §5.1)."""
+    if cfg.momentum_warmup_steps <= 0:
+        return cfg.momentum
+    f = min(step / cfg.momentum_warmup_steps, 1.0)
+    return (1 - f) * cfg.momentum_warmup_start + f * cfg.momentum
+
+
+def apply_schedules(optimizers, cfg: OptimizerConfig, step: int, total: int) -> float:
+    """Set every group's lr (and Muon's momentum) for `step`; returns the Adam/hidden lr multiplier."""
+    mult = lr_multiplier(cfg, step, total)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if group.get("kind") == "muon":
+                group["lr"] = group["base_lr"] * lr_multiplier(cfg, step, total, warmup=cfg.muon_warmup)
+                group["momentum"] = muon_momentum(cfg, step)
+            else:
+                group["lr"] = group["base_lr"] * mult
+    return mult

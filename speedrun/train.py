@@ -1,0 +1,554 @@
+"""The training loop. One readable function, `train()`, in the modded-nanogpt style.
+
+    run(cfg, run_dir)         entry point used by launch.py (and tests): picks the distributed mode,
+                              spawns local ranks if asked, returns the summary dict
+    train(cfg, run_dir, info) the loop, on one rank
+
+Sections of `train()`: SETUP (devices, data, model, optimizers, resume) -> DRY RUN exit -> COMPILE
+WARM-UP (untimed; model and optimizer state restored afterwards) -> LOOP (schedules, micro-steps with
+gradient accumulation and DDP no_sync, optimizer step, logging, evaluation, checkpoints, signals) ->
+FINAL evaluation, checkpoint and summary.
+
+Timing follows RECIPE.md decision 5: compilation happens in an explicit untimed warm-up; the clock
+(`train_seconds`) runs over optimizer steps only and is paused (after a device sync) for evaluation
+and checkpointing; `wall_seconds` counts everything from process start. tokens/s = trained tokens /
+train_seconds.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import dist as D
+from .attention import build_context
+from .config import RunConfig, batch_geometry, to_dict
+from .data import dataset_dir
+from .data.loader import EvalSet, Prefetcher, TrainStream
+from .data.shards import require_shards
+from .evaluate import evaluate
+from .model import ProteinLM, flops_per_token
+from .objectives import generator_for, mask_rate_at, mask_tokens, masked_loss
+from .optim import apply_schedules, build_optimizers
+from .rundir import MetricsLog, environment, read_json, setup_logging, write_json
+
+PROCESS_START = time.time()
+TERMINAL = ("done", "failed", "dry_run")
+
+
+class StopRun(Exception):
+    """Raised to end a run early with a status (interrupted, preempted, failed) and a reason."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class MaskedLM(nn.Module):
+    """The module DDP wraps: model forward + loss on masked positions, so every parameter's gradient
+    comes out of one forward call. `core` is the (optionally compiled) model used for the forward."""
+
+    def __init__(self, model: ProteinLM):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "core", model)  # not a submodule: parameters are registered once
+
+    def forward(self, inputs, doc_ids, window, labels, ctx, dtype):
+        h = self.core(inputs, doc_ids, window, dtype=dtype, ctx=ctx)
+        loss, _, _ = masked_loss(self.model, h, labels)
+        return loss
+
+
+def window_at(cfg: RunConfig, step: int) -> int:
+    """Sliding window at `step`: window_start -> window_end (default data.max_length), in multiples of 128."""
+    start = cfg.train.window_start
+    end = cfg.train.window_end if cfg.train.window_end is not None else cfg.data.max_length
+    f = min(step / max(1, cfg.train.max_steps), 1.0)
+    w = (1 - f) * start + f * end
+    block = min(128, start, end)
+    return max(block, int(w // block) * block)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Clock:
+    """Accumulates train time over timed regions; `pause()` syncs the device first."""
+
+    def __init__(self, device: torch.device, already: float = 0.0):
+        self.device, self.total, self._t0 = device, already, None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        if self._t0 is None:
+            self._sync()
+            self._t0 = time.perf_counter()
+
+    def pause(self):
+        if self._t0 is not None:
+            self._sync()
+            self.total += time.perf_counter() - self._t0
+            self._t0 = None
+
+    @property
+    def seconds(self) -> float:
+        return self.total + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+
+class Signals:
+    """SIGINT/SIGTERM -> 'interrupted', SIGUSR2 (submitit/SLURM) -> 'preempted': a flag read at step
+    boundaries; the previous handlers are kept so they can be chained after the checkpoint."""
+
+    def __init__(self):
+        self.flag: Optional[str] = None
+        self.previous: dict = {}
+
+    def install(self) -> None:
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, status in ((signal.SIGINT, "interrupted"), (signal.SIGTERM, "interrupted"),
+                            (signal.SIGUSR2, "preempted")):
+            try:
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, lambda s, f, st=status: self._set(st))
+            except (ValueError, OSError):
+                continue
+
+    def _set(self, status: str) -> None:
+        if self.flag is not None and status == "interrupted":  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.flag = status
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------------
+def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
+    """Train `cfg` into `run_dir`, starting the local ranks if hardware.gpus > 1. Returns the summary."""
+    mode = D.detect_mode(cfg.hardware.gpus)
+    if mode == "spawn":
+        D.spawn(_rank_main, cfg.hardware.gpus, (cfg, str(run_dir), "spawn"))
+        return read_json(Path(run_dir) / "summary.json")
+    return _rank_main(cfg, str(run_dir), mode)
+
+
+def _rank_main(cfg: RunConfig, run_dir: str, mode: str) -> dict:
+    info = D.init(cfg.hardware.device, mode)
+    try:
+        return train(cfg, Path(run_dir), info)
+    finally:
+        D.cleanup()
+
+
+def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
+    # ============================================ SETUP ============================================
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(run_dir, info.rank)
+    main = info.is_main
+    device = info.device
+    summary_path = run_dir / "summary.json"
+    previous = read_json(summary_path)
+    if previous.get("status") == "done" and not cfg.dry_run:
+        log.info(f"{run_dir}: summary.json says done; nothing to do")
+        return previous
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = ckpt.latest(ckpt_root) if cfg.resume != "never" else None
+    if cfg.resume == "must" and resume_from is None:
+        raise ckpt.CheckpointError(f"resume=must but {ckpt_root} holds no complete checkpoint")
+    if resume_from is None and not cfg.dry_run and (ckpt.latest(ckpt_root) or (run_dir / "metrics.jsonl").exists()):
+        raise RuntimeError(f"{run_dir} already holds another run's results; start in a new directory "
+                           "(drop hydra.run.dir) or use resume=auto to continue it")
+
+    if cfg.hardware.num_threads > 0:
+        torch.set_num_threads(cfg.hardware.num_threads)
+    seed_everything(cfg.seed + info.rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if cfg.hardware.precision == "bf16" else torch.float32
+    geo = batch_geometry(cfg, info.world_size)
+    T, accum = geo["micro_batch_tokens"], geo["grad_accum"]
+
+    data_dir = dataset_dir(cfg.data.name, cfg.data.path)
+    train_files = require_shards(data_dir, "train")
+    valid_files = require_shards(data_dir, "valid")
+    stream = TrainStream(train_files, T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size)
+    eval_T = cfg.eval.batch_tokens or T
+    evalset = EvalSet.build(valid_files, eval_T, cfg.data.max_length, cfg.eval.max_tokens, cfg.eval.seed)
+
+    model = ProteinLM(cfg.model).to(device)
+    backend = model.set_attention_backend(device)
+    n_params = model.num_params()
+    optimizers = build_optimizers(model, cfg.optimizer, device)
+
+    step, tokens_seen, train_seconds_before = 0, 0, 0.0
+    best_val, target_hit = math.inf, previous.get("target") if resume_from else None
+    if resume_from is not None:
+        state = ckpt.load(resume_from, model, device)
+        for opt, sd in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        stream.load_state_dict(state["data"][info.rank] if isinstance(state["data"], list) else state["data"])
+        set_rng_state(state["rng"])
+        step, tokens_seen = state["step"], state["tokens"]
+        train_seconds_before, best_val = state["train_seconds"], state.get("best_val", math.inf)
+        target_hit = state.get("target")
+        log.info(f"resumed from {resume_from} at step {step}")
+
+    mean_ctx = _mean_context(evalset, cfg.data.max_length)
+    fpt = flops_per_token(cfg.model, mean_ctx, head_fraction=cfg.objective.mask_rate)
+    desc = {"n_params": n_params, "batch": geo, "attention": backend, "device": str(device),
+            "precision": cfg.hardware.precision, "compile": cfg.hardware.compile,
+            "flops_per_token": fpt, "data_dir": str(data_dir), "train_shards": len(train_files),
+            "valid_tokens": evalset.n_tokens, "mode": info.mode}
+    if main:
+        log.info(f"run dir {run_dir}")
+        log.info(f"{cfg.model.arch} d={cfg.model.dim} L={cfg.model.n_layers} H={cfg.model.n_heads}: "
+                 f"{n_params:,} parameters | {cfg.optimizer.name} | {cfg.objective.name} "
+                 f"rate {cfg.objective.mask_rate} | attention {backend} | {device} x{info.world_size}")
+        log.info(f"batch: {geo['batch_tokens']:,} tokens/step = {T:,} tokens x {accum} micro-steps x "
+                 f"{info.world_size} rank(s); {cfg.train.max_steps} steps")
+        env, diff = environment({"run": desc})
+        if (run_dir / "env.json").exists():
+            old = read_json(run_dir / "env.json")
+            old.setdefault("restarts", []).append(env)
+            env = old
+        write_json(run_dir / "env.json", env)
+        if diff.strip() and not (run_dir / "code.diff").exists():
+            (run_dir / "code.diff").write_text(diff)
+
+    # ============================================ DRY RUN ==========================================
+    if cfg.dry_run:
+        summary = {"status": "dry_run", "n_params": n_params, **desc,
+                   "optimizers": [[g.get("name", g.get("kind")) for g in o.param_groups] for o in optimizers]}
+        if device.type == "cuda":  # measure one training step's peak memory so a config can be checked
+            summary["peak_memory_gib"] = _probe_step_memory(cfg, model, optimizers, stream, device, dtype)
+        if main:
+            write_json(summary_path, summary)
+            log.info(f"dry run: {n_params:,} parameters; batch {geo}; nothing trained")
+        return summary
+
+    # ======================================= COMPILE WARM-UP =======================================
+    core = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
+    task = MaskedLM(model)
+    object.__setattr__(task, "core", core)
+    net = task
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False, gradient_as_bucket_view=True)
+    window_t = torch.tensor(window_at(cfg, step), dtype=torch.int32, device=device)
+
+    def micro_step(tokens, doc_ids, rate, gen, sync: bool):
+        m = mask_tokens(tokens, rate, gen, cfg.objective.replace)
+        ctx = build_context(doc_ids, window_t if backend == "flex" else int(window_t.item()), backend)
+        cm = net.no_sync() if (info.distributed and not sync) else contextlib.nullcontext()
+        with cm:
+            loss = net(m.inputs, doc_ids, window_t, m.labels, ctx, dtype)
+            (loss / accum).backward()
+        return loss.detach()
+
+    t_warm = time.time()
+    if cfg.hardware.warmup_steps > 0:
+        saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                 [copy.deepcopy(o.state_dict()) for o in optimizers])
+        warm = TrainStream(train_files, T, cfg.data.max_length, cfg.data.seed + 9973, info.rank, info.world_size)
+        for i in range(cfg.hardware.warmup_steps):
+            tok, did = warm.next_batch()
+            t = torch.from_numpy(tok).to(device)
+            d = torch.from_numpy(did).to(device)
+            micro_step(t, d, cfg.objective.mask_rate, generator_for(device, 1, i), sync=True)
+            apply_schedules(optimizers, cfg.optimizer, step, cfg.train.max_steps)
+            for o in optimizers:
+                o.step()
+            model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved[0])
+        for o, sd in zip(optimizers, saved[1]):
+            o.load_state_dict(sd)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    compile_seconds = time.time() - t_warm
+
+    # ============================================= LOOP ============================================
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    if resume_from is not None:
+        metrics.truncate_after(step)
+    loader = Prefetcher(stream, device, depth=cfg.data.prefetch)
+    signals = Signals()
+    signals.install()
+    clock = Clock(device, train_seconds_before)
+    if main:
+        write_json(summary_path, {"status": "running", "n_params": n_params, "step": step, **desc})
+    status, reason = "done", None
+    last_val: dict = {}
+    time_to_first_step = None
+    last_log_time, last_log_tokens, last_log_train = time.time(), tokens_seen, clock.seconds
+    losses: list[torch.Tensor] = []
+    cursor = stream.state_dict()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def evaluate_now(prefix: str = "val", files=None) -> dict:
+        clock.pause()
+        es = evalset if files is None else EvalSet.build(files, eval_T, cfg.data.max_length, cfg.eval.max_tokens,
+                                                         cfg.eval.seed)
+        out = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
+                       mask_rate=cfg.eval.mask_rate, rank=info.rank,
+                       world_size=info.world_size, prefix=prefix)
+        return out
+
+    def save_checkpoint() -> None:
+        clock.pause()
+        data_states = _gather_objects(cursor, info)
+        if main:
+            state = {"step": step, "tokens": tokens_seen, "optimizers": [o.state_dict() for o in optimizers],
+                     "data": data_states, "rng": rng_state(), "train_seconds": clock.seconds,
+                     "best_val": best_val, "target": target_hit, "config": to_dict(cfg)}
+            path = ckpt.save(ckpt_root, step, model, state, keep_last=cfg.checkpoint.keep_last)
+            log.info(f"checkpoint {path}")
+        D.barrier(info)
+
+    try:
+        while step < cfg.train.max_steps:
+            # ---- signals and limits, agreed by all ranks at the step boundary ----
+            stop = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}[signals.flag]
+            if cfg.train.max_minutes > 0 and clock.seconds > 60 * cfg.train.max_minutes:
+                stop = max(stop, 3.0)
+            stop = D.all_reduce_max(stop, info) if info.distributed else stop
+            if stop:
+                kind = {1.0: "interrupted", 2.0: "preempted", 3.0: "time_limit"}[stop]
+                if kind == "time_limit":
+                    log.info(f"train.max_minutes={cfg.train.max_minutes} reached at step {step}")
+                    break
+                save_checkpoint()
+                raise StopRun(kind, f"received {'SIGUSR2' if kind == 'preempted' else 'SIGINT/SIGTERM'} "
+                                    f"at step {step}; checkpoint saved")
+
+            # ---- schedules for this step ----
+            window = window_at(cfg, step)
+            window_t.fill_(window)
+            rate = mask_rate_at(cfg.objective, step)
+            lr_mult = apply_schedules(optimizers, cfg.optimizer, step, cfg.train.max_steps)
+
+            # ---- forward/backward over the micro-batches ----
+            clock.start()
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accum):
+                tokens, doc_ids, cursor = loader.next()
+                gen = generator_for(device, cfg.seed, step, micro, info.rank)
+                step_loss += micro_step(tokens.long(), doc_ids, rate, gen, sync=(micro == accum - 1)) / accum
+            grad_norm = None
+            if cfg.optimizer.grad_clip > 0:
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += geo["batch_tokens"]
+            losses.append(step_loss)
+            if time_to_first_step is None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                time_to_first_step = time.time() - PROCESS_START
+
+            # ---- logging ----
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                mean_loss = torch.stack(losses).mean()
+                if info.distributed:
+                    torch.distributed.all_reduce(mean_loss, op=torch.distributed.ReduceOp.AVG)
+                losses = []
+                now_train = clock.seconds
+                dt_train = max(now_train - last_log_train, 1e-9)
+                tps = (tokens_seen - last_log_tokens) / dt_train
+                row = {"step": step, "tokens": tokens_seen, "train_loss": mean_loss.item(),
+                       "lr_mult": lr_mult, "lr_hidden": optimizers[0].param_groups[0]["lr"],
+                       "mask_rate": rate, "window": window, "tokens_per_s": tps,
+                       "train_seconds": now_train, "wall_seconds": time.time() - PROCESS_START}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                metrics.write(row)
+                if main:
+                    log.info(f"step {step}/{cfg.train.max_steps} | loss {row['train_loss']:.4f} | "
+                             f"lr x{lr_mult:.3f} | {tps / 1e3:.1f}k tok/s | train {now_train:.1f}s")
+                last_log_tokens, last_log_train = tokens_seen, now_train
+
+            # ---- evaluation ----
+            due = cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0
+            if due and step < cfg.train.max_steps:
+                last_val = evaluate_now()
+                best_val = min(best_val, last_val["val_loss"])
+                target_hit = _check_target(cfg, last_val, target_hit, step, tokens_seen, clock.seconds)
+                metrics.write({"step": step, "tokens": tokens_seen, "train_seconds": clock.seconds, **last_val})
+                if main:
+                    log.info(_val_line(step, last_val))
+                if target_hit and cfg.train.stop_at_target:
+                    break
+
+            # ---- periodic checkpoint ----
+            if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
+                save_checkpoint()
+
+        # =========================================== FINAL =========================================
+        clock.pause()
+        last_val = evaluate_now()
+        best_val = min(best_val, last_val["val_loss"])
+        target_hit = _check_target(cfg, last_val, target_hit, step, tokens_seen, clock.seconds)
+        metrics.write({"step": step, "tokens": tokens_seen, "train_seconds": clock.seconds, **last_val})
+        if main:
+            log.info(_val_line(step, last_val))
+        if cfg.eval.test:
+            test_files = require_shards(data_dir, "test")
+            last_val.update(evaluate_now("test", test_files))
+        if cfg.checkpoint.final:
+            save_checkpoint()
+    except StopRun as stop_exc:
+        status, reason = stop_exc.status, stop_exc.reason
+    except BaseException as exc:
+        status, reason = ("interrupted", "KeyboardInterrupt") if isinstance(exc, KeyboardInterrupt) else \
+            ("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if main:
+            _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
+                           best_val, target_hit, time_to_first_step, compile_seconds, device)
+        raise
+    finally:
+        loader.close()
+        signals.restore()
+
+    summary = _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
+                             best_val, target_hit, time_to_first_step, compile_seconds, device) if main else {}
+    if main:
+        log.info(f"{status}: {run_dir}")
+        if last_val:
+            log.info(f"final val_loss {last_val.get('val_loss', float('nan')):.4f} "
+                     f"(unigram {last_val.get('val_unigram_loss', float('nan')):.4f}) | "
+                     f"ppl {last_val.get('val_ppl', float('nan')):.3f} | acc {last_val.get('val_accuracy', 0):.4f}")
+    if status == "preempted":
+        _chain_previous_handler(signals, signal.SIGUSR2)
+    if status in ("interrupted", "preempted"):
+        raise SystemExit(130 if status == "interrupted" else 0)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+def _mean_context(evalset: EvalSet, max_length: int) -> float:
+    """Mean attended context per token (≈ sum L_i^2 / sum L_i over documents) for the FLOP formula."""
+    sq, n = 0.0, 0
+    for _, doc_ids, _ in evalset.batches[:64]:
+        counts = np.bincount(doc_ids[doc_ids >= 0])
+        sq += float((counts.astype(np.float64) ** 2).sum())
+        n += int(counts.sum())
+    return sq / max(n, 1)
+
+
+def _gather_objects(obj, info: D.DistInfo):
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _check_target(cfg, val: dict, hit, step, tokens, seconds):
+    if hit or cfg.target_loss is None or val.get("val_loss", math.inf) > cfg.target_loss:
+        return hit
+    return {"loss": cfg.target_loss, "step": step, "tokens": tokens, "train_seconds": seconds,
+            "val_loss": val["val_loss"]}
+
+
+def _val_line(step: int, v: dict) -> str:
+    return (f"step {step} | val_loss {v['val_loss']:.4f} | ppl {v['val_ppl']:.3f} | acc {v['val_accuracy']:.4f} | "
+            f"f1 {v['val_f1']:.4f} | mcc {v['val_mcc']:.4f} | unigram {v['val_unigram_loss']:.4f}")
+
+
+def _write_summary(path, status, reason, cfg, desc, step, tokens, clock, val, best_val, target, ttfs,
+                   compile_seconds, device) -> dict:
+    train_s = clock.seconds
+    summary = {
+        "status": status,
+        "reason": reason,
+        "step": step,
+        "max_steps": cfg.train.max_steps,
+        "tokens": tokens,
+        "train_seconds": train_s,
+        "wall_seconds": time.time() - PROCESS_START,
+        "tokens_per_s": tokens / train_s if train_s > 0 else None,
+        "time_to_first_step": ttfs,
+        "compile_seconds": compile_seconds,
+        "val_loss": val.get("val_loss"),
+        "unigram_loss": val.get("val_unigram_loss"),
+        "best_val_loss": best_val if math.isfinite(best_val) else None,
+        "target_loss": cfg.target_loss,
+        "target": target,
+        **{k: v for k, v in val.items() if k not in ("val_loss",)},
+        **desc,
+    }
+    if device.type == "cuda":
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if summary["tokens_per_s"] and desc.get("flops_per_token"):
+        summary["model_tflops_per_s"] = summary["tokens_per_s"] * desc["flops_per_token"] / 1e12
+    write_json(path, summary)
+    return summary
+
+
+def _probe_step_memory(cfg, model, optimizers, stream, device, dtype) -> float:
+    """Peak GPU memory (GiB) of one forward/backward/optimizer step, with state restored afterwards."""
+    saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+             [copy.deepcopy(o.state_dict()) for o in optimizers])
+    probe = TrainStream(stream.shards.files, stream.T, stream.max_length, stream.seed + 7, stream.rank, stream.world)
+    tok, did = probe.next_batch()
+    torch.cuda.reset_peak_memory_stats(device)
+    t, d = torch.from_numpy(tok).to(device).long(), torch.from_numpy(did).to(device)
+    m = mask_tokens(t, cfg.objective.mask_rate, generator_for(device, 0))
+    h = model(m.inputs, d, window_at(cfg, 0), dtype=dtype)
+    loss, _, _ = masked_loss(model, h, m.labels)
+    loss.backward()
+    for o in optimizers:
+        o.step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(saved[0])
+    for o, sd in zip(optimizers, saved[1]):
+        o.load_state_dict(sd)
+    return peak
+
+
+def _chain_previous_handler(signals: Signals, sig) -> None:
+    """After saving on SIGUSR2, hand over to submitit's handler (which requeues the job)."""
+    prev = signals.previous.get(sig)
+    if callable(prev):
+        prev(sig, None)

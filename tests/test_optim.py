@@ -1,0 +1,97 @@
+"""Muon: near-orthogonal updates, identical to torch.optim.Muon where the definitions coincide;
+parameter groups; schedules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speedrun.config import ModelConfig, OptimizerConfig
+from speedrun.model import ProteinLM
+from speedrun.optim import (Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum,
+                            param_groups, zeropower_via_newtonschulz5)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 48), (48, 128)])
+def test_newton_schulz_is_near_orthogonal(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    o = zeropower_via_newtonschulz5(g).float()
+    s = torch.linalg.svdvals(o)
+    assert o.shape == g.shape
+    # the quintic maps singular values into roughly [0.5, 1.5]; only the very smallest singular values of
+    # a square Gaussian matrix (near 0) stay below after 5 steps
+    assert s.max() < 1.5
+    assert (s > 0.5).float().mean() > (0.9 if shape[0] == shape[1] else 0.999)
+    # and it is (approximately) the polar factor U V^T
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    cos = (o * (u @ vh)).sum() / (o.norm() * (u @ vh).norm())
+    assert cos > 0.95
+
+
+def test_matches_torch_optim_muon():
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    torch.manual_seed(0)
+    ws = [torch.randn(96, 32), torch.randn(32, 32), torch.randn(32, 80)]
+    a = [w.clone().requires_grad_(True) for w in ws]
+    b = [w.clone().requires_grad_(True) for w in ws]
+    ours = Muon(a, lr=0.02, momentum=0.9, nesterov=True)
+    ref = torch.optim.Muon(b, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.0, adjust_lr_fn="original")
+    for step in range(4):
+        grads = [torch.randn_like(w) for w in ws]
+        for p, q, gr in zip(a, b, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+
+
+def test_shape_scaling():
+    w = torch.zeros(96, 32, requires_grad=True)
+    w.grad = torch.randn(96, 32)
+    opt = Muon([w], lr=1.0, momentum=0.0, nesterov=False)
+    opt.step()
+    expected = -(96 / 32) ** 0.5 * zeropower_via_newtonschulz5(w.grad).float()
+    torch.testing.assert_close(w.detach(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_param_groups_cover_every_parameter_once():
+    with torch.device("meta"):
+        for kw in (dict(), dict(tie_embeddings=True), dict(arch="transformer", value_embeddings=False)):
+            m = ProteinLM(ModelConfig(dim=64, n_layers=4, n_heads=2, **kw))
+            g = param_groups(m)
+            ids = [id(p) for v in g.values() for _, p in v]
+            assert len(ids) == len(set(ids)) == len({id(p) for p in m.parameters()})
+            assert all(p.ndim == 2 for _, p in g["hidden"])
+            assert all("embed" in n for n, _ in g["embed"]) and all("lm_head" in n for n, _ in g["head"])
+            assert all(p.ndim < 2 for _, p in g["scalar"])
+
+
+def test_reference_groups_and_lrs():
+    m = ProteinLM(ModelConfig(dim=64, n_layers=4, n_heads=2))
+    muon, adam = build_optimizers(m, OptimizerConfig(), torch.device("cpu"))
+    assert isinstance(muon, Muon) and muon.param_groups[0]["lr"] == 0.05
+    lrs = {g["name"]: g["lr"] for g in adam.param_groups}
+    assert lrs == {"embed": 0.06, "head": 0.008, "scalar": 0.04}
+    assert adam.defaults["betas"] == (0.8, 0.95)
+    (adamw,) = build_optimizers(m, OptimizerConfig(name="adamw", weight_decay=0.01), torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW)
+
+
+def test_schedules():
+    c = OptimizerConfig(schedule="cosine", warmup_steps=10)
+    assert lr_multiplier(c, 0, 100) == pytest.approx(0.1)
+    assert lr_multiplier(c, 9, 100) == pytest.approx(1.0)
+    assert lr_multiplier(c, 55, 100) == pytest.approx(0.5, abs=1e-9)
+    assert lr_multiplier(c, 100, 100) == pytest.approx(0.0, abs=1e-9)
+    assert lr_multiplier(c, 0, 100, warmup=False) == pytest.approx(1.0)
+    w = OptimizerConfig(schedule="wsd", warmup_steps=10, cooldown_frac=0.2)
+    assert lr_multiplier(w, 50, 100) == 1.0 and lr_multiplier(w, 90, 100) == pytest.approx(0.5)
+    assert muon_momentum(OptimizerConfig(), 0) == pytest.approx(0.85)
+    assert muon_momentum(OptimizerConfig(), 150) == pytest.approx(0.90)
+    assert muon_momentum(OptimizerConfig(), 1000) == pytest.approx(0.95)
+    m = ProteinLM(ModelConfig(dim=64, n_layers=2, n_heads=2))
+    opts = build_optimizers(m, c, torch.device("cpu"))
+    apply_schedules(opts, c, 0, 100)
+    assert opts[0].param_groups[0]["lr"] == pytest.approx(0.05)  # Muon: no warm-up
+    assert opts[1].param_groups[0]["lr"] == pytest.approx(0.006)  # Adam embed: 0.06 x 0.1

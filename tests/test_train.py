@@ -1,0 +1,152 @@
+"""End-to-end training on CPU: the loss falls, the run directory is complete, dry runs, exact resume,
+atomic checkpoints, and interruption."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from speedrun import checkpoint as ckpt
+from speedrun.train import run
+
+SECRET = "hf_THIS_MUST_NOT_LEAK_123"
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in _rows(run_dir) if "train_loss" in r}
+
+
+def test_few_steps_lower_the_loss_and_fill_the_run_dir(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    cfg = tiny_cfg("train.max_steps=30", "eval.every_steps=15", "checkpoint.every_steps=10")
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "done"
+    losses = _losses(tmp_path)
+    first, last = sum(list(losses.values())[:3]) / 3, sum(list(losses.values())[-3:]) / 3
+    assert last < first - 0.2
+    for key in ("status", "val_loss", "unigram_loss", "n_params", "tokens_per_s", "train_seconds", "wall_seconds",
+                "tokens", "val_ppl", "val_accuracy", "val_f1", "val_mcc", "val_precision", "val_recall", "batch"):
+        assert key in summary, key
+    assert summary["tokens"] == 30 * 1024 and summary["n_params"] > 0
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == "done" and on_disk["val_loss"] == pytest.approx(summary["val_loss"])
+    rows = _rows(tmp_path)
+    assert all({"step", "tokens", "train_loss", "lr_mult", "tokens_per_s"} <= r.keys() for r in rows if "train_loss" in r)
+    assert [r["step"] for r in rows if "val_loss" in r] == [15, 30]
+    assert (tmp_path / "env.json").exists() and (tmp_path / "rank0.log").exists()
+    done = ckpt.complete_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in done] == ["step-000020", "step-000030"]  # keep_last=2
+    assert {"model.safetensors", "state.pt", "COMPLETE"} <= {p.name for p in done[-1].iterdir()}
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".yaml", ".txt", ".diff"):
+            assert SECRET not in path.read_text(errors="ignore"), path
+
+
+def test_dry_run_writes_summary_without_training(tiny_cfg, tmp_path):
+    summary = run(tiny_cfg("dry_run=true", "train.batch_tokens=4096"), tmp_path)
+    assert summary["status"] == "dry_run" and summary["n_params"] > 0
+    assert summary["batch"] == {"micro_batch_tokens": 1024, "grad_accum": 4, "world_size": 1, "batch_tokens": 4096}
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "dry_run"
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_gradient_accumulation_runs(tiny_cfg, tmp_path):
+    summary = run(tiny_cfg("train.max_steps=3", "train.batch_tokens=3072", "checkpoint.final=false"), tmp_path)
+    assert summary["status"] == "done" and summary["tokens"] == 3 * 3072
+
+
+def test_resume_is_bit_identical(tiny_cfg, tmp_path):
+    args = ("train.max_steps=8", "checkpoint.every_steps=4", "train.batch_tokens=2048")
+    ref = tmp_path / "ref"
+    run(tiny_cfg(*args), ref)
+    cut = tmp_path / "cut"
+    run(tiny_cfg(*args), cut)
+    # simulate a crash after step 4: drop the final checkpoint and summary, keep the step-4 checkpoint
+    import shutil
+    shutil.rmtree(cut / "checkpoints" / "step-000008")
+    (cut / "summary.json").unlink()
+    summary = run(tiny_cfg(*args), cut)
+    assert summary["status"] == "done" and summary["step"] == 8
+    assert _losses(cut) == _losses(ref)  # bit-identical, not approximately equal
+    assert [r["step"] for r in _rows(cut) if "train_loss" in r] == list(range(1, 9))
+
+
+def test_done_run_exits_at_once(tiny_cfg, tmp_path):
+    run(tiny_cfg("train.max_steps=2"), tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    again = run(tiny_cfg("train.max_steps=2"), tmp_path)
+    assert again["status"] == "done" and (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_refuses_to_overwrite_another_run(tiny_cfg, tmp_path):
+    run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path)
+    (tmp_path / "summary.json").unlink()
+    with pytest.raises(RuntimeError, match="already holds another run"):
+        run(tiny_cfg("train.max_steps=2"), tmp_path)
+
+
+def test_full_disk_keeps_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    run(tiny_cfg("train.max_steps=2"), tmp_path)
+    good = ckpt.latest(tmp_path / "checkpoints")
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    from speedrun.model import ProteinLM
+    model = ProteinLM(tiny_cfg().model)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.save(tmp_path / "checkpoints", 5, model, {"step": 5})
+    msg = str(err.value)
+    assert "disk is full" in msg and "step-000005" in msg and "\n" not in msg
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt.latest(tmp_path / "checkpoints") == good
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    state = ckpt.load(good, model, torch.device("cpu"))
+    assert state["step"] == 2
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-000009").mkdir(parents=True)  # no COMPLETE marker: a crash mid-write
+    assert ckpt.latest(root) is None
+
+
+def test_ctrl_c_saves_and_resume_continues(tiny_cfg, tmp_path):
+    args = ("train.max_steps=40", "train.batch_tokens=1024")
+    run_dir = tmp_path / "r"
+    metrics = run_dir / "metrics.jsonl"
+
+    def interrupt():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(SystemExit) as exc:
+        run(tiny_cfg(*args), run_dir)
+    assert exc.value.code == 130
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 3 <= summary["step"] < 40
+    assert ckpt.latest(run_dir / "checkpoints").name == f"step-{summary['step']:06d}"
+    resumed = run(tiny_cfg(*args), run_dir)
+    assert resumed["status"] == "done" and resumed["step"] == 40
+    ref = tmp_path / "ref"
+    run(tiny_cfg(*args), ref)
+    assert _losses(run_dir) == _losses(ref)
