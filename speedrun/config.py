@@ -17,16 +17,18 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional
 
-MODEL_ARCHS = ("unet", "transformer")
+MODEL_ARCHS = ("unet", "transformer", "patch_unet")
 OPTIMIZERS = ("muon", "adamw")
-OBJECTIVES = ("mlm",)
+OBJECTIVES = ("mlm", "diffusion", "mlm_to_diffusion")
+RAMPS = ("step", "linear")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("auto", "flex", "sdpa")
 HEADS = ("mlp", "linear")
 RESUME = ("auto", "never", "must")
-LOGGERS = ("none", "wandb")
+LOGGERS = ("auto", "none", "wandb")
+PROGRESS = ("auto", "bar", "plain")
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,9 @@ class ModelConfig:
     token_dropout: bool = True  # zero the <mask> embedding (ESM-style; the rescale is cancelled by the norm)
     rope_base: float = 10000.0
     attention: str = "auto"  # auto: FlexAttention on CUDA, SDPA elsewhere (same mask function)
+    # Patch-UNet (arch=patch_unet, RECIPE.md §4.4): n_layers UNet levels (half encoder, half decoder)
+    # over (B, L) rows with L = data.max_length, then n_extra_layers full-resolution blocks
+    n_extra_layers: int = 0
 
 
 @dataclass
@@ -81,11 +86,16 @@ class OptimizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mlm"
-    mask_rate: float = 0.2
+    name: str = "mlm"  # mlm | diffusion (DSM masked diffusion) | mlm_to_diffusion
+    mask_rate: float = 0.2  # MLM rate (and the MLM phase of mlm_to_diffusion)
     mask_rate_start: Optional[float] = None  # with mask_rate_steps: linear schedule start -> mask_rate
     mask_rate_steps: int = 0
-    replace: bool = False  # 80/10/10 (<mask>/random/unchanged) instead of <mask>-only
+    replace: bool = False  # 80/10/10 (<mask>/random/unchanged) instead of <mask>-only (MLM only)
+    eps: float = 1e-3  # diffusion: t ~ U(eps, 1) per sequence
+    warmup_steps: int = 0  # mlm_to_diffusion: steps of pure MLM before the ramp
+    ramp: str = "linear"  # mlm_to_diffusion: step (switch at once) | linear (over ramp_steps)
+    ramp_steps: int = 0  # mlm_to_diffusion: length of the linear ramp from MLM to diffusion
+    eval_levels: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # diffusion eval
 
 
 @dataclass
@@ -95,6 +105,13 @@ class DataConfig:
     max_length: int = 1024  # training crop length in tokens (specials included); long docs are cropped
     seed: int = 0  # data order (per-epoch reshuffle)
     prefetch: int = 2  # batches prepared ahead by the background loader thread
+    # where downloaded / prepared datasets live; the dataset configs set path: ${data.root}/<folder>
+    root: str = "data"  # conf/data/*.yaml: ${oc.env:SPEEDRUN_DATA,data} (relative to the working directory)
+    # published packed shards (data=omgprot50 | uniref50 | og_prot90): python -m speedrun.data download data=...
+    repo: Optional[str] = None  # Hugging Face dataset repo, e.g. Synthyra/omg_prot50_packed (null: not on the hub)
+    file_prefix: Optional[str] = None  # shard names {file_prefix}_{split}_{index:06d}.bin, e.g. omg_prot50
+    num_chunks: int = 0  # train shards (~1e8 tokens each) to download and train on; 0 = every one there is
+    revision: Optional[str] = None  # hub branch / tag / commit to download (null = main)
 
 
 @dataclass
@@ -118,6 +135,8 @@ class TrainConfig:
     window_end: Optional[int] = None  # null = data.max_length
     max_minutes: float = 0.0  # stop training after this much train time (0 = no limit)
     stop_at_target: bool = False  # end the run when validation first reaches target_loss
+    max_params: Optional[int] = None  # refuse a model with more parameters (e.g. the speed track's 150M)
+    max_bad_steps: int = 5  # stop (status failed) after this many consecutive non-finite steps
 
 
 @dataclass
@@ -128,6 +147,13 @@ class EvalConfig:
     max_tokens: int = 0  # cap on validation tokens per evaluation (0 = whole split)
     batch_tokens: int = 0  # tokens per eval forward (0 = hardware.micro_batch_tokens)
     test: bool = False  # also evaluate the test split at the end
+    # representation probes during training (speedrun/probe.py `run_probes`; off by default)
+    probe_every: int = 0  # steps between probe runs (0 = off)
+    probe_tasks: List[str] = field(default_factory=lambda: ["ss3", "meltome", "solubility"])  # names, NAME@PATH, task YAMLs
+    probe_layers: str = "all"  # all | last | comma-separated layer ids, e.g. "0,6,12" (0 = input embedding)
+    probe_max_sequences: int = 500  # sequences per split (fast subset; 0 = all)
+    probe_max_residues: int = 20000  # sampled residues per split for per-residue tasks (0 = all)
+    probe_data_dir: Optional[str] = None  # folder of the FLIP zips; null = $SPEEDRUN_PROBE_DATA or the machines' default
 
 
 @dataclass
@@ -135,6 +161,15 @@ class CheckpointConfig:
     every_steps: int = 0  # 0 = only the final checkpoint
     keep_last: int = 2
     final: bool = True
+
+
+@dataclass
+class LogConfig:
+    progress: str = "auto"  # auto: a progress bar on a terminal, plain lines otherwise | bar | plain
+    wandb_project: str = "speedrun-plm"
+    wandb_entity: Optional[str] = None
+    wandb_group: Optional[str] = None  # default: the sweep name in multirun
+    print_config: bool = True  # print the resolved config as a tree at start (rank 0)
 
 
 @dataclass
@@ -147,12 +182,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     name: str = "default"
     seed: int = 0
     dry_run: bool = False
     target_loss: Optional[float] = None  # record train time and tokens when val loss first reaches it
     resume: str = "auto"  # auto: continue from the run dir's newest checkpoint; never; must
-    logger: str = "none"
+    logger: str = "auto"  # auto: W&B when WANDB_API_KEY is set | none | wandb
 
 
 def _choice(value: str, allowed: tuple, key: str) -> None:
@@ -178,6 +214,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice(h.device, DEVICES, "hardware.device")
     _choice(cfg.resume, RESUME, "resume")
     _choice(cfg.logger, LOGGERS, "logger")
+    _choice(cfg.log.progress, PROGRESS, "log.progress")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}: change one of them")
     if (m.dim // m.n_heads) % 2:
@@ -195,6 +232,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("mask_rate",):
         if not 0.0 < getattr(ob, key) < 1.0:
             raise ConfigError(f"objective.{key}={getattr(ob, key)} must be in (0, 1)")
+    _choice(ob.ramp, RAMPS, "objective.ramp")
+    if not 0.0 < ob.eps < 1.0:
+        raise ConfigError(f"objective.eps={ob.eps} must be in (0, 1)")
+    if ob.replace and ob.name != "mlm":
+        raise ConfigError("objective.replace=true (80/10/10) applies to objective=mlm only: drop it or use mlm")
+    if any(not 0.0 < lv < 1.0 for lv in ob.eval_levels):
+        raise ConfigError(f"objective.eval_levels={list(ob.eval_levels)} must all be in (0, 1)")
     if ob.mask_rate_start is not None and not 0.0 < ob.mask_rate_start < 1.0:
         raise ConfigError(f"objective.mask_rate_start={ob.mask_rate_start} must be in (0, 1)")
     if not 0.0 < e.mask_rate < 1.0:

@@ -67,7 +67,8 @@ def unigram_entropy(counts: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model, evalset: EvalSet, *, device: torch.device, window: int, dtype: torch.dtype,
-             mask_rate: float, rank: int = 0, world_size: int = 1, prefix: str = "val") -> dict:
+             mask_rate: float, rank: int = 0, world_size: int = 1, prefix: str = "val",
+             loss_only: bool = False) -> dict:
     """Run the evaluation protocol on `evalset`; returns {prefix_loss, prefix_ppl, ...} on every rank."""
     was_training = model.training
     model.eval()
@@ -96,6 +97,8 @@ def evaluate(model, evalset: EvalSet, *, device: torch.device, window: int, dtyp
     loss = (sums[0] / sums[1]).item() if n_masked else float("nan")
     out = {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(loss) if n_masked else float("nan"),
            f"{prefix}_masked_tokens": n_masked}
+    if loss_only:
+        return out
     out.update({f"{prefix}_{k}": v for k, v in confusion_metrics(cm).items()})
     out[f"{prefix}_unigram_loss"] = unigram_entropy(cm.sum(1))
     return out

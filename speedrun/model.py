@@ -166,6 +166,10 @@ class ProteinLM(nn.Module):
         self.attn_backend = "flex" if want == "flex" or (want == "auto" and flex_available(device)) else "sdpa"
         return self.attn_backend
 
+    def make_context(self, doc_ids: torch.Tensor, window: int | torch.Tensor) -> AttnContext:
+        """Attention masks for one forward, built outside any compiled region."""
+        return build_context(doc_ids, window, self.attn_backend)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
@@ -183,7 +187,7 @@ class ProteinLM(nn.Module):
         With return_layers, also returns the list of every block's output (for probes/embeddings).
         """
         if ctx is None:
-            ctx = build_context(doc_ids, window, self.attn_backend)
+            ctx = self.make_context(doc_ids, window)
         x = x0 = self.embed_tokens(input_ids, dtype)
         ves = [ve(input_ids).to(dtype) for ve in self.value_embeds]
         layers = []

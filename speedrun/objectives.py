@@ -2,16 +2,29 @@
 
 Masking runs where the model runs, on the batch the trainer is about to use, with a generator seeded
 from (seed, step, micro-step, rank). So a schedule change takes effect at the very next step, and the
-masks of any step can be re-created exactly (resume is bit-identical, evaluation masks are fixed).
+masks of any step can be re-created exactly (resume is bit-identical).
 
-MLM (`objective=mlm`): each maskable token (never `<cls>`, `<eos>`, `<pad>`, `<unk>` or other
-specials) is selected with probability `rate`; selected tokens become `<mask>` (mask-only, the current
-reference) or, with `replace=true`, 80 % `<mask>` / 10 % a random amino acid / 10 % unchanged (the
-December-2024 recipe). Labels hold the original id at selected positions and -100 elsewhere.
+Every objective is "draw a masking level t per document, mask each maskable token with probability t":
+
+* **mlm** — t = the mask rate (20 %; optionally scheduled start -> end over N steps) for every
+  document. Selected tokens become `<mask>` (mask-only, the current reference) or, with
+  `replace=true`, 80 % `<mask>` / 10 % a random amino acid / 10 % unchanged (December 2024).
+  Loss: mean cross-entropy over masked tokens.
+* **diffusion** — masked diffusion as DSM defines it (RECIPE.md §10): t_b = (1-ε)·u + ε, u ~ U(0,1),
+  drawn **per sequence**; every masked token's CE is weighted by 1/t_b; the sum is normalised by the
+  number of real (non-padding) tokens. (The reference draws one t per batch and divides a mean by it,
+  RECIPE.md §12.4.)
+* **mlm_to_diffusion** — MLM for `warmup_steps`, then a ramp to full diffusion: the fraction α of
+  documents that draw a diffusion t (the rest keep the MLM rate) goes 0 -> 1 at once (`ramp=step`)
+  or linearly over `ramp_steps` (`ramp=linear`). The loss is the diffusion form, which for a
+  document at the fixed MLM rate r equals its masked-token CE / r — the same scale as MLM.
+
+Special tokens (`<cls>`, `<eos>`, `<pad>`, `<unk>`, `<mask>`, `<null_1>`) are never masked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +53,15 @@ def generator_for(device: torch.device, *seeds: int) -> torch.Generator:
 
 @dataclass
 class Masked:
-    inputs: torch.Tensor  # (T,) ids given to the model
-    labels: torch.Tensor  # (T,) original id at masked positions, IGNORE elsewhere
-    rate: float  # the masking rate used
+    inputs: torch.Tensor  # ids given to the model
+    labels: torch.Tensor  # original id at masked positions, IGNORE elsewhere
+    rate: float  # the MLM rate used (or the mean level for diffusion, for logging only)
+    weights: Optional[torch.Tensor] = None  # per-token loss weights (1/t) for the diffusion form
+    denom: Optional[torch.Tensor] = None  # normaliser of the weighted sum (number of real tokens)
 
 
 def mask_tokens(tokens: torch.Tensor, rate: float, generator: torch.Generator, replace: bool = False) -> Masked:
-    """Select maskable tokens with probability `rate`; <mask>-only or 80/10/10."""
+    """MLM: select maskable tokens with probability `rate`; <mask>-only or 80/10/10."""
     tokens = tokens.long()
     u = torch.rand(tokens.shape, device=tokens.device, generator=generator)
     selected = (u < rate) & maskable(tokens)
@@ -61,24 +76,71 @@ def mask_tokens(tokens: torch.Tensor, rate: float, generator: torch.Generator, r
     return Masked(inputs, labels, rate)
 
 
+def mask_per_document(tokens: torch.Tensor, doc_ids: torch.Tensor, mlm_rate: float, alpha: float, eps: float,
+                      generator: torch.Generator) -> Masked:
+    """Diffusion-form masking: each document draws t (diffusion with probability alpha, else the MLM
+    rate), every maskable token is masked with probability t, loss weights are 1/t."""
+    tokens = tokens.long()
+    flat_docs = doc_ids.reshape(-1).long()
+    n = flat_docs.numel()  # an upper bound on the number of documents; avoids a host sync
+    u_doc = torch.rand(n, device=tokens.device, generator=generator)
+    pick = torch.rand(n, device=tokens.device, generator=generator) < alpha
+    t_doc = torch.where(pick, (1 - eps) * u_doc + eps, torch.full_like(u_doc, mlm_rate))
+    t = t_doc[flat_docs.clamp(min=0)].view(tokens.shape)
+    u = torch.rand(tokens.shape, device=tokens.device, generator=generator)
+    selected = (u < t) & maskable(tokens)
+    labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE))
+    inputs = torch.where(selected, torch.full_like(tokens, MASK), tokens)
+    weights = torch.where(selected, 1.0 / t, torch.zeros_like(t))
+    denom = (doc_ids >= 0).sum().clamp(min=1).float()
+    return Masked(inputs, labels, mlm_rate, weights=weights, denom=denom)
+
+
 def mask_rate_at(cfg: ObjectiveConfig, step: int) -> float:
-    """The training mask rate at `step`: linear from mask_rate_start to mask_rate over mask_rate_steps."""
+    """The MLM mask rate at `step`: linear from mask_rate_start to mask_rate over mask_rate_steps."""
     if cfg.mask_rate_start is None or cfg.mask_rate_steps <= 0:
         return cfg.mask_rate
     f = min(step / cfg.mask_rate_steps, 1.0)
     return (1.0 - f) * cfg.mask_rate_start + f * cfg.mask_rate
 
 
-def masked_loss(model, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+def diffusion_fraction(cfg: ObjectiveConfig, step: int) -> float:
+    """α at `step`: the fraction of documents that draw a diffusion level (0 = pure MLM)."""
+    if cfg.name == "mlm":
+        return 0.0
+    if cfg.name == "diffusion":
+        return 1.0
+    if step < cfg.warmup_steps:
+        return 0.0
+    if cfg.ramp == "step" or cfg.ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (step - cfg.warmup_steps + 1) / cfg.ramp_steps)
+
+
+def apply_objective(cfg: ObjectiveConfig, tokens: torch.Tensor, doc_ids: torch.Tensor, step: int,
+                    generator: torch.Generator) -> Masked:
+    """Mask one micro-batch for training step `step` under objective `cfg`."""
+    rate = mask_rate_at(cfg, step)
+    if cfg.name == "mlm":
+        return mask_tokens(tokens, rate, generator, cfg.replace)
+    return mask_per_document(tokens, doc_ids, rate, diffusion_fraction(cfg, step), cfg.eps, generator)
+
+
+def masked_loss(model, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+                weights: Optional[torch.Tensor] = None, denom: Optional[torch.Tensor] = None):
     """Cross-entropy on masked positions only: the LM head runs on those rows alone.
 
-    Returns (loss, logits, targets) where logits/targets are the masked rows (for metrics).
+    Plain form: mean (or sum) CE over masked tokens. Weighted form (weights, denom given): the sum of
+    weight x CE over masked tokens divided by denom. Returns (loss, logits, targets) where
+    logits/targets are the masked rows (for metrics).
     """
-    idx = torch.nonzero(labels != IGNORE).flatten()
-    targets = labels[idx]
-    logits = model.logits(hidden[idx])
+    flat = labels.reshape(-1)
+    idx = torch.nonzero(flat != IGNORE).flatten()
+    targets = flat[idx]
+    logits = model.logits(hidden.reshape(-1, hidden.size(-1))[idx])
     if idx.numel() == 0:
-        zero = hidden.sum() * 0.0
-        return zero, logits, targets
-    loss = F.cross_entropy(logits, targets, reduction=reduction)
-    return loss, logits, targets
+        return hidden.sum() * 0.0, logits, targets
+    if weights is not None:
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        return (ce * weights.reshape(-1)[idx]).sum() / denom, logits, targets
+    return F.cross_entropy(logits, targets, reduction=reduction), logits, targets

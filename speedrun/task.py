@@ -60,13 +60,13 @@ def run_task(cfg: DictConfig):
 
     from .checkpoint import CheckpointError
     from .data.shards import DataError
-    from .train import run
+    from .train import RunFailed, run
 
     if int(os.environ.get("RANK", "0")) == 0:
         write_reproduce(run_dir, to_dict(typed))
     try:
         summary = run(typed, run_dir)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, RunFailed) as exc:
         return _fail(str(exc), multirun)
     if summary and int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {run_dir}")

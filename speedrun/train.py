@@ -32,19 +32,23 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import dist as D
-from .attention import build_context
-from .config import RunConfig, batch_geometry, to_dict
+from .config import ConfigError, RunConfig, batch_geometry, to_dict
 from .data import dataset_dir
 from .data.loader import EvalSet, Prefetcher, TrainStream
 from .data.shards import require_shards
 from .evaluate import evaluate
 from .model import ProteinLM, flops_per_token
-from .objectives import generator_for, mask_rate_at, mask_tokens, masked_loss
+from .objectives import (apply_objective, diffusion_fraction, generator_for, mask_rate_at, mask_tokens,
+                         masked_loss)
 from .optim import apply_schedules, build_optimizers
 from .rundir import MetricsLog, environment, read_json, setup_logging, write_json
 
 PROCESS_START = time.time()
 TERMINAL = ("done", "failed", "dry_run")
+
+
+class RunFailed(RuntimeError):
+    """The run stopped with status 'failed' (summary.json holds the reason); exit code is non-zero."""
 
 
 class StopRun(Exception):
@@ -64,9 +68,9 @@ class MaskedLM(nn.Module):
         self.model = model
         object.__setattr__(self, "core", model)  # not a submodule: parameters are registered once
 
-    def forward(self, inputs, doc_ids, window, labels, ctx, dtype):
+    def forward(self, inputs, doc_ids, window, labels, ctx, dtype, weights=None, denom=None):
         h = self.core(inputs, doc_ids, window, dtype=dtype, ctx=ctx)
-        loss, _, _ = masked_loss(self.model, h, labels)
+        loss, _, _ = masked_loss(self.model, h, labels, weights=weights, denom=denom)
         return loss
 
 
@@ -133,6 +137,7 @@ class Signals:
 
     def __init__(self):
         self.flag: Optional[str] = None
+        self.signum: int = 0
         self.previous: dict = {}
 
     def install(self) -> None:
@@ -143,14 +148,18 @@ class Signals:
                             (signal.SIGUSR2, "preempted")):
             try:
                 self.previous[sig] = signal.getsignal(sig)
-                signal.signal(sig, lambda s, f, st=status: self._set(st))
+                signal.signal(sig, lambda s, f, st=status: self._set(st, s))
             except (ValueError, OSError):
                 continue
 
-    def _set(self, status: str) -> None:
+    def _set(self, status: str, signum: int) -> None:
         if self.flag is not None and status == "interrupted":  # second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.flag = status
+        self.flag, self.signum = status, signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.flag else ""
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -215,6 +224,9 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     model = ProteinLM(cfg.model).to(device)
     backend = model.set_attention_backend(device)
     n_params = model.num_params()
+    if cfg.train.max_params is not None and n_params > cfg.train.max_params:
+        raise ConfigError(f"the model has {n_params:,} parameters, over train.max_params={cfg.train.max_params:,} "
+                          "(the speed track's limit): choose a smaller model")
     optimizers = build_optimizers(model, cfg.optimizer, device)
 
     step, tokens_seen, train_seconds_before = 0, 0, 0.0
@@ -273,12 +285,12 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                                                   broadcast_buffers=False, gradient_as_bucket_view=True)
     window_t = torch.tensor(window_at(cfg, step), dtype=torch.int32, device=device)
 
-    def micro_step(tokens, doc_ids, rate, gen, sync: bool):
-        m = mask_tokens(tokens, rate, gen, cfg.objective.replace)
-        ctx = build_context(doc_ids, window_t if backend == "flex" else int(window_t.item()), backend)
+    def micro_step(tokens, doc_ids, at_step, gen, sync: bool):
+        m = apply_objective(cfg.objective, tokens, doc_ids, at_step, gen)
+        ctx = model.make_context(doc_ids, window_t if backend == "flex" else int(window_t.item()))
         cm = net.no_sync() if (info.distributed and not sync) else contextlib.nullcontext()
         with cm:
-            loss = net(m.inputs, doc_ids, window_t, m.labels, ctx, dtype)
+            loss = net(m.inputs, doc_ids, window_t, m.labels, ctx, dtype, m.weights, m.denom)
             (loss / accum).backward()
         return loss.detach()
 
@@ -291,7 +303,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
             tok, did = warm.next_batch()
             t = torch.from_numpy(tok).to(device)
             d = torch.from_numpy(did).to(device)
-            micro_step(t, d, cfg.objective.mask_rate, generator_for(device, 1, i), sync=True)
+            micro_step(t, d, step, generator_for(device, 1, i), sync=True)
             apply_schedules(optimizers, cfg.optimizer, step, cfg.train.max_steps)
             for o in optimizers:
                 o.step()
@@ -318,6 +330,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     time_to_first_step = None
     last_log_time, last_log_tokens, last_log_train = time.time(), tokens_seen, clock.seconds
     losses: list[torch.Tensor] = []
+    skipped_steps, bad_streak = (state.get("skipped_steps", 0) if resume_from is not None else 0), 0
     cursor = stream.state_dict()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -329,6 +342,12 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         out = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
                        mask_rate=cfg.eval.mask_rate, rank=info.rank,
                        world_size=info.world_size, prefix=prefix)
+        if cfg.objective.name != "mlm":  # masked diffusion: also the loss at fixed masking levels
+            for level in cfg.objective.eval_levels:
+                lv = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
+                              mask_rate=level, rank=info.rank, world_size=info.world_size, prefix=prefix,
+                              loss_only=True)
+                out[f"{prefix}_loss_t{round(level * 100):02d}"] = lv[f"{prefix}_loss"]
         return out
 
     def save_checkpoint() -> None:
@@ -337,7 +356,8 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         if main:
             state = {"step": step, "tokens": tokens_seen, "optimizers": [o.state_dict() for o in optimizers],
                      "data": data_states, "rng": rng_state(), "train_seconds": clock.seconds,
-                     "best_val": best_val, "target": target_hit, "config": to_dict(cfg)}
+                     "best_val": best_val, "target": target_hit, "config": to_dict(cfg),
+                     "skipped_steps": skipped_steps}
             path = ckpt.save(ckpt_root, step, model, state, keep_last=cfg.checkpoint.keep_last)
             log.info(f"checkpoint {path}")
         D.barrier(info)
@@ -355,38 +375,60 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                     log.info(f"train.max_minutes={cfg.train.max_minutes} reached at step {step}")
                     break
                 save_checkpoint()
-                raise StopRun(kind, f"received {'SIGUSR2' if kind == 'preempted' else 'SIGINT/SIGTERM'} "
-                                    f"at step {step}; checkpoint saved")
+                raise StopRun(kind, f"received {signals.name or 'a stop signal'} at step {step}; checkpoint saved")
 
             # ---- schedules for this step ----
             window = window_at(cfg, step)
             window_t.fill_(window)
             rate = mask_rate_at(cfg.objective, step)
+            alpha = diffusion_fraction(cfg.objective, step)
             lr_mult = apply_schedules(optimizers, cfg.optimizer, step, cfg.train.max_steps)
 
             # ---- forward/backward over the micro-batches ----
             clock.start()
             step_loss = torch.zeros((), device=device)
-            for micro in range(accum):
-                tokens, doc_ids, cursor = loader.next()
-                gen = generator_for(device, cfg.seed, step, micro, info.rank)
-                step_loss += micro_step(tokens.long(), doc_ids, rate, gen, sync=(micro == accum - 1)) / accum
-            grad_norm = None
-            if cfg.optimizer.grad_clip > 0:
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-            for opt in optimizers:
-                opt.step()
+            try:
+                for micro in range(accum):
+                    tokens, doc_ids, cursor = loader.next()
+                    gen = generator_for(device, cfg.seed, step, micro, info.rank)
+                    step_loss += micro_step(tokens.long(), doc_ids, step, gen, sync=(micro == accum - 1)) / accum
+                grad_norm = _clip_grad_norm(model, cfg.optimizer.grad_clip)
+                # one host sync per step: a non-finite loss or gradient skips the update on every rank
+                ok = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
+                if info.distributed:
+                    ok = ok.float()
+                    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+                finite = bool(ok)
+                if finite:
+                    for opt in optimizers:
+                        opt.step()
+            except torch.OutOfMemoryError:
+                raise StopRun("failed", f"out of memory at hardware.micro_batch_tokens={T} on {device}: lower it "
+                                        f"(e.g. hardware.micro_batch_tokens={T // 2}; gradient accumulation keeps "
+                                        f"train.batch_tokens) or use a smaller model") from None
             model.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += geo["batch_tokens"]
-            losses.append(step_loss)
+            if finite:
+                bad_streak = 0
+                losses.append(step_loss)
+            else:
+                skipped_steps += 1
+                bad_streak += 1
+                log.warning(f"step {step}: non-finite loss or gradient norm "
+                            f"(loss {float(step_loss):.4g}, grad norm {float(grad_norm):.4g}); update skipped "
+                            f"({bad_streak} in a row, {skipped_steps} in total)")
+                if bad_streak >= cfg.train.max_bad_steps:
+                    raise StopRun("failed", f"{bad_streak} consecutive steps with a non-finite loss or gradient "
+                                            f"(last at step {step}); the last checkpoint is intact: lower the "
+                                            "learning rates or enable optimizer.grad_clip, then resume")
             if time_to_first_step is None:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 time_to_first_step = time.time() - PROCESS_START
 
             # ---- logging ----
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            if (step % cfg.train.log_every == 0 or step == cfg.train.max_steps) and losses:
                 mean_loss = torch.stack(losses).mean()
                 if info.distributed:
                     torch.distributed.all_reduce(mean_loss, op=torch.distributed.ReduceOp.AVG)
@@ -396,10 +438,10 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                 tps = (tokens_seen - last_log_tokens) / dt_train
                 row = {"step": step, "tokens": tokens_seen, "train_loss": mean_loss.item(),
                        "lr_mult": lr_mult, "lr_hidden": optimizers[0].param_groups[0]["lr"],
-                       "mask_rate": rate, "window": window, "tokens_per_s": tps,
+                       "mask_rate": rate, "diffusion_frac": alpha, "window": window, "tokens_per_s": tps,
                        "train_seconds": now_train, "wall_seconds": time.time() - PROCESS_START}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
+                row["grad_norm"] = float(grad_norm)
+                row["skipped_steps"] = skipped_steps
                 metrics.write(row)
                 if main:
                     log.info(f"step {step}/{cfg.train.max_steps} | loss {row['train_loss']:.4f} | "
@@ -418,8 +460,9 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                 if target_hit and cfg.train.stop_at_target:
                     break
 
-            # ---- periodic checkpoint ----
-            if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
+            # ---- periodic checkpoint (never in the middle of a streak of non-finite steps) ----
+            if (cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
+                    and step < cfg.train.max_steps and bad_streak == 0):
                 save_checkpoint()
 
         # =========================================== FINAL =========================================
@@ -441,25 +484,30 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         status, reason = ("interrupted", "KeyboardInterrupt") if isinstance(exc, KeyboardInterrupt) else \
             ("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         if main:
-            _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
-                           best_val, target_hit, time_to_first_step, compile_seconds, device)
+            with contextlib.suppress(OSError):  # a full disk must not hide the original error
+                _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
+                               best_val, target_hit, time_to_first_step, compile_seconds, device,
+                               skipped_steps)
         raise
     finally:
         loader.close()
         signals.restore()
 
     summary = _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
-                             best_val, target_hit, time_to_first_step, compile_seconds, device) if main else {}
+                             best_val, target_hit, time_to_first_step, compile_seconds, device,
+                             skipped_steps) if main else {}
     if main:
         log.info(f"{status}: {run_dir}")
         if last_val:
             log.info(f"final val_loss {last_val.get('val_loss', float('nan')):.4f} "
                      f"(unigram {last_val.get('val_unigram_loss', float('nan')):.4f}) | "
                      f"ppl {last_val.get('val_ppl', float('nan')):.3f} | acc {last_val.get('val_accuracy', 0):.4f}")
+    if status == "failed":
+        raise RunFailed(reason)
     if status == "preempted":
         _chain_previous_handler(signals, signal.SIGUSR2)
     if status in ("interrupted", "preempted"):
-        raise SystemExit(130 if status == "interrupted" else 0)
+        raise SystemExit(128 + (signals.signum or signal.SIGINT))
     return summary
 
 
@@ -494,13 +542,25 @@ def _val_line(step: int, v: dict) -> str:
             f"f1 {v['val_f1']:.4f} | mcc {v['val_mcc']:.4f} | unigram {v['val_unigram_loss']:.4f}")
 
 
+def _clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (logged every step); clip to max_norm when it is > 0."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
 def _write_summary(path, status, reason, cfg, desc, step, tokens, clock, val, best_val, target, ttfs,
-                   compile_seconds, device) -> dict:
+                   compile_seconds, device, skipped_steps=0) -> dict:
     train_s = clock.seconds
     summary = {
         "status": status,
         "reason": reason,
         "step": step,
+        "skipped_steps": skipped_steps,
         "max_steps": cfg.train.max_steps,
         "tokens": tokens,
         "train_seconds": train_s,

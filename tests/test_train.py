@@ -150,3 +150,34 @@ def test_ctrl_c_saves_and_resume_continues(tiny_cfg, tmp_path):
     ref = tmp_path / "ref"
     run(tiny_cfg(*args), ref)
     assert _losses(run_dir) == _losses(ref)
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "mlm_to_diffusion"])
+def test_diffusion_objectives_lower_their_loss(tiny_cfg, tmp_path, objective):
+    extra = ["objective.warmup_steps=10", "objective.ramp_steps=10"] if objective == "mlm_to_diffusion" else []
+    summary = run(tiny_cfg(f"objective={objective}", "train.max_steps=40", "eval.every_steps=4",
+                           "checkpoint.final=false", *extra), tmp_path)
+    # the 1/t-weighted training loss is noisy on tiny batches: judge progress on the fixed validation set
+    vals = [r for r in _rows(tmp_path) if "val_loss" in r]
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.1
+    for level in ("10", "30", "50", "70", "90"):
+        assert vals[-1][f"val_loss_t{level}"] < vals[0][f"val_loss_t{level}"]
+        assert summary[f"val_loss_t{level}"] == vals[-1][f"val_loss_t{level}"]
+    rows = [r for r in _rows(tmp_path) if "diffusion_frac" in r]
+    if objective == "mlm_to_diffusion":
+        assert rows[0]["diffusion_frac"] == 0.0 and rows[-1]["diffusion_frac"] == 1.0
+
+
+def test_speed_track_refuses_a_model_over_the_limit(tiny_cfg, tmp_path):
+    from speedrun.config import ConfigError
+    with pytest.raises(ConfigError, match="over train.max_params=1,000"):
+        run(tiny_cfg("train.max_params=1000"), tmp_path)
+
+
+def test_target_loss_records_time_and_tokens(tiny_cfg, tmp_path):
+    summary = run(tiny_cfg("train.max_steps=20", "eval.every_steps=5", "target_loss=3.3",
+                           "train.stop_at_target=true", "checkpoint.final=false"), tmp_path)
+    target = summary["target"]
+    assert target["loss"] == 3.3 and target["val_loss"] <= 3.3
+    assert target["step"] % 5 == 0 and target["tokens"] == target["step"] * 1024 and target["train_seconds"] > 0
+    assert summary["step"] == target["step"]  # stopped at the target
