@@ -167,3 +167,22 @@ def test_eval_set_is_fixed_and_batch_size_independent(tmp_path):
     assert all(((d >= 0).sum() > 0) for _, d, _ in a.batches)
     for t, d, _ in a.batches:
         assert np.bincount(d[d >= 0]).max() <= 50  # long documents split into pieces
+
+
+def test_batches_never_exceed_the_document_cap(tmp_path):
+    """The varlen attention kernel takes a fixed number of segments: the packers close a batch at
+    max_docs(T) documents even when more would fit."""
+    from speedrun.data.loader import max_docs
+    tiny = [encode("MK") for _ in range(500)]  # 4-token documents: 128 would fit in 512 tokens
+    p = tmp_path / shard_name("t", "train", 0)
+    write_shard(p, np.concatenate(tiny))
+    (tmp_path / "v").mkdir()
+    q = tmp_path / "v" / shard_name("t", "valid", 0)
+    write_shard(q, np.concatenate(tiny))
+    assert max_docs(512) == 8
+    st = TrainStream([p], 512, 100)
+    for _ in range(5):
+        toks, ids = st.next_batch()
+        assert ids.max() + 1 == 8 and (ids >= 0).sum() == 32
+    es = EvalSet.build([q], 512, 100)
+    assert all(d.max() + 1 <= 8 for _, d, _ in es.batches) and es.n_docs == 500
