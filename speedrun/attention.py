@@ -1,25 +1,29 @@
 """Document-masked, sliding-window, bidirectional attention over a packed token stream.
 
-Two back-ends share one mask definition, `allowed(q, k)`:
+All back-ends share one mask definition, `allowed(q, k)`:
 
-    same document (doc id >= 0)  and  |q - k| < window        or  q == k
+    same segment (equal doc id)  and  |q - k| < window
 
-Documents are the segments of `doc_ids` (one id per token; padding has id -1). The `q == k` term
-lets a padding token attend to itself only, so no row is ever fully masked (no NaNs) and padding
-never influences real tokens.
+Segments are the runs of `doc_ids` (one id per token): documents 0, 1, 2... and the padding
+(id -1) at the end of the stream, which forms one segment of its own — so padding never influences
+a real token and no row is ever fully masked (no NaNs).
 
-* **flex** — FlexAttention with a block mask built from that rule (`create_block_mask`, 128-token
-  blocks). The fast path on CUDA; compiled there.
-* **sdpa** — `scaled_dot_product_attention` on per-segment padded batches. Used where FlexAttention
-  cannot run (its backward has no CPU implementation). Segments are cut out of the stream, grouped by
-  length so the padded work stays near sum(L_i^2) rather than T^2, and scattered back.
+* **varlen** — FlashAttention's variable-length kernel (`torch.nn.attention.varlen.varlen_attn`)
+  with cumulative segment offsets: exact work (sum of L_i^2), no block padding. Used on CUDA when the
+  window cannot bind (every document is at most `data.max_length` <= window tokens long), which is the
+  reference recipe's case (max length 1024, window 1024). Offsets have a fixed size (at most
+  `max_segments` documents per micro-batch, enforced by the loader) so shapes stay static.
+* **flex** — FlexAttention with a block mask built from the rule (128-token blocks), compiled; the
+  general CUDA path, with the window as a tensor so its schedule never recompiles.
+* **sdpa** — `scaled_dot_product_attention` on per-segment padded batches grouped by length (work
+  near sum(L_i^2) rather than T^2). Used where the others cannot run: FlexAttention has no backward on
+  CPU.
 
-`tests/test_attention.py` checks that both give the same output on the same packed batch.
+`tests/test_attention.py` checks that they give the same output on the same packed batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +33,8 @@ _compiled_flex = None
 
 
 def allowed(doc_q: torch.Tensor, doc_k: torch.Tensor, q_idx, k_idx, window) -> torch.Tensor:
-    """The mask rule, written once for both back-ends."""
-    return ((doc_q == doc_k) & (doc_q >= 0) & ((q_idx - k_idx).abs() < window)) | (q_idx == k_idx)
+    """The mask rule, written once for every back-end."""
+    return (doc_q == doc_k) & ((q_idx - k_idx).abs() < window)
 
 
 def flex_available(device: torch.device) -> bool:
@@ -41,6 +45,35 @@ def flex_available(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
+
+
+def varlen_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def max_segments(tokens_per_batch: int) -> int:
+    """Documents allowed in one packed micro-batch (fixes the size of the varlen offsets); the loader
+    enforces the same cap (speedrun.data.loader.max_docs)."""
+    from .data.loader import max_docs
+
+    return max_docs(tokens_per_batch)
+
+
+def varlen_offsets(doc_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Cumulative segment offsets (n_segments + 2,) int32 for documents 0..n_segments-1 followed by the
+    trailing padding, computed on the device without a host sync. Unused slots are zero-length
+    segments, which the kernel skips."""
+    d = doc_ids.reshape(-1).long()
+    is_pad = d < 0
+    counts = torch.zeros(n_segments + 1, dtype=torch.int32, device=d.device)
+    counts.scatter_add_(0, torch.where(is_pad, n_segments, d), torch.ones_like(d, dtype=torch.int32))
+    return torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
 
 
 def _flex_fn(device: torch.device):
@@ -54,16 +87,27 @@ def _flex_fn(device: torch.device):
     return _compiled_flex
 
 
-@dataclass
-class AttnContext:
-    """Everything the attention layers of one forward need, built once per forward."""
+class AttnContext(NamedTuple):
+    """Everything the attention layers of one forward need, built once per forward (a NamedTuple, so
+    torch.compile treats it as a tuple of inputs rather than an opaque object)."""
     backend: str
     block_mask: object = None  # flex
     groups: Optional[dict] = None  # sdpa: {'groups': [(index, valid, mask)], 'inverse': permutation}
+    offsets: Optional[torch.Tensor] = None  # varlen: cumulative segment offsets (int32)
+    max_len: int = 0  # varlen: upper bound on a segment's length
 
 
-def build_context(doc_ids: torch.Tensor, window: int | torch.Tensor, backend: str) -> AttnContext:
-    """Build the mask structures for `doc_ids` (T,) and the sliding `window` (tokens)."""
+def build_context(doc_ids: torch.Tensor, window: int | torch.Tensor, backend: str,
+                  max_len: int = 0) -> AttnContext:
+    """Build the mask structures for `doc_ids` (T,) and the sliding `window` (tokens).
+
+    varlen needs `max_len`, an upper bound on a document's length that is at most the window (the
+    trailing padding segment may be longer: its outputs are never used)."""
+    if backend == "varlen":
+        if max_len <= 0:
+            raise ValueError("the varlen back-end needs max_len, a bound on every segment's length")
+        return AttnContext("varlen", offsets=varlen_offsets(doc_ids, max_segments(doc_ids.numel())),
+                           max_len=int(max_len))
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -78,8 +122,8 @@ def build_context(doc_ids: torch.Tensor, window: int | torch.Tensor, backend: st
     return AttnContext("sdpa", groups=_sdpa_groups(doc_ids, int(window)))
 
 
-def _segments(doc_ids: torch.Tensor) -> tuple[list[int], list[int], list[bool]]:
-    """Contiguous runs of equal doc id: starts, lengths, and whether the run is a document (id >= 0)."""
+def _segments(doc_ids: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Contiguous runs of equal doc id: starts and lengths."""
     d = doc_ids.detach().cpu()
     T = d.numel()
     change = torch.ones(T, dtype=torch.bool)
@@ -87,8 +131,7 @@ def _segments(doc_ids: torch.Tensor) -> tuple[list[int], list[int], list[bool]]:
     starts = torch.nonzero(change).flatten()
     ends = torch.cat([starts[1:], torch.tensor([T])])
     lens = ends - starts
-    is_doc = d[starts] >= 0
-    return starts.tolist(), lens.tolist(), is_doc.tolist()
+    return starts.tolist(), lens.tolist()
 
 
 def _bucket(n: int) -> int:
@@ -102,10 +145,9 @@ def _bucket(n: int) -> int:
 
 
 def _sdpa_groups(doc_ids: torch.Tensor, window: int) -> dict:
-    """Segments grouped by padded length: per group the gather index, validity and mask (or None when
-    every segment is a whole document shorter than the window, so only padding needs masking)."""
+    """Segments grouped by padded length: per group the gather index, validity and mask."""
     device = doc_ids.device
-    starts, lens, is_doc = _segments(doc_ids)
+    starts, lens = _segments(doc_ids)
     by_len: dict[int, list[int]] = {}
     for i, n in enumerate(lens):
         by_len.setdefault(_bucket(n), []).append(i)
@@ -117,10 +159,9 @@ def _sdpa_groups(doc_ids: torch.Tensor, window: int) -> dict:
             seg_len = torch.tensor([lens[m] for m in chunk]).view(-1, 1)
             valid = ar.view(1, L) < seg_len
             index = torch.where(valid, torch.tensor([starts[m] for m in chunk]).view(-1, 1) + ar, 0)
-            doc_flag = torch.tensor([is_doc[m] for m in chunk]).view(-1, 1, 1)
             qi, ki = ar.view(L, 1), ar.view(1, L)
-            mask = ((qi - ki).abs() < window) & valid.unsqueeze(2) & valid.unsqueeze(1) & doc_flag
-            mask = (mask | (qi == ki)).unsqueeze(1)
+            mask = ((qi - ki).abs() < window) & valid.unsqueeze(2) & valid.unsqueeze(1)
+            mask = (mask | (qi == ki)).unsqueeze(1)  # padded slots of a group attend to themselves
             groups.append((index.to(device), valid.to(device), mask.to(device)))
             order.append(index[valid])
     inverse = torch.argsort(torch.cat(order)).to(device)
@@ -129,6 +170,10 @@ def _sdpa_groups(doc_ids: torch.Tensor, window: int) -> dict:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     """Attention for q, k, v of shape (T, H, D) under `ctx`; returns (T, H, D)."""
+    if ctx.backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, ctx.offsets, ctx.offsets, ctx.max_len, ctx.max_len)
     if ctx.backend == "flex":
         out = _flex_fn(q.device)(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                          v.transpose(0, 1).unsqueeze(0), block_mask=ctx.block_mask)

@@ -24,7 +24,7 @@ RAMPS = ("step", "linear")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION = ("auto", "flex", "sdpa")
+ATTENTION = ("auto", "varlen", "flex", "sdpa")
 HEADS = ("mlp", "linear")
 RESUME = ("auto", "never", "must")
 LOGGERS = ("auto", "none", "wandb")
@@ -50,7 +50,7 @@ class ModelConfig:
     soft_cap: float = 32.0  # tanh logit soft-cap c*tanh(z/c); 0 disables
     token_dropout: bool = True  # zero the <mask> embedding (ESM-style; the rescale is cancelled by the norm)
     rope_base: float = 10000.0
-    attention: str = "auto"  # auto: FlexAttention on CUDA, SDPA elsewhere (same mask function)
+    attention: str = "auto"  # auto: varlen FlashAttention or FlexAttention on CUDA, SDPA elsewhere (one mask rule)
     # Patch-UNet (arch=patch_unet, RECIPE.md §4.4): n_layers UNet levels (half encoder, half decoder)
     # over (B, L) rows with L = data.max_length, then n_extra_layers full-resolution blocks
     n_extra_layers: int = 0
@@ -120,6 +120,7 @@ class HardwareConfig:
     gpus: int = 1  # ranks on this node (spawned by launch.py)
     precision: str = "fp32"  # fp32 | bf16 (bf16 activations, fp32 master weights)
     compile: bool = False
+    compile_scope: str = "blocks"  # blocks: each block (one graph for all layers, fast compile) | model
     micro_batch_tokens: int = 4096  # tokens per rank per forward/backward
     grad_accum: Optional[int] = None  # derived from train.batch_tokens when null
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave as is
@@ -212,6 +213,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice(ob.name, OBJECTIVES, "objective.name")
     _choice(h.precision, PRECISIONS, "hardware.precision")
     _choice(h.device, DEVICES, "hardware.device")
+    _choice(h.compile_scope, ("blocks", "model"), "hardware.compile_scope")
     _choice(cfg.resume, RESUME, "resume")
     _choice(cfg.logger, LOGGERS, "logger")
     _choice(cfg.log.progress, PROGRESS, "log.progress")
@@ -333,7 +335,7 @@ def register_schema() -> None:
 
 
 # ---- command-line pre-check: one-line errors with a suggestion, before Hydra composes anything ----
-GROUPS = ("model", "optimizer", "objective", "data", "hardware", "experiment")
+GROUPS = ("model", "optimizer", "objective", "data", "hardware", "experiment", "sweep")
 
 
 def _schema_keys(cls=RunConfig, prefix: str = "") -> dict:
@@ -405,10 +407,11 @@ def check_overrides(args: list[str], conf_dir: str) -> Optional[str]:
         values = value.list if isinstance(value, ChoiceSweep) else (
             [] if isinstance(value, (RangeSweep, IntervalSweep)) else [value])
         if key in GROUPS or key == "local":
-            group_dir = os.path.join(conf_dir, key)
+            group_dir = (os.path.join(os.path.dirname(conf_dir), "sweeps", "sweep") if key == "sweep"
+                         else os.path.join(conf_dir, key))
             opts = sorted(p[:-5] for p in os.listdir(group_dir) if p.endswith(".yaml")) if os.path.isdir(group_dir) else []
             for v in values:
-                if str(v) not in opts and not (key == "experiment" and v is None):
+                if str(v) not in opts and not (key in ("experiment", "sweep") and v is None):
                     close = difflib.get_close_matches(str(v), opts, n=1)
                     hint = f"did you mean {key}={close[0]}? " if close else ""
                     return f"unknown {key} option '{v}': {hint}choose one of {', '.join(opts)}"
@@ -423,3 +426,41 @@ def check_overrides(args: list[str], conf_dir: str) -> Optional[str]:
             except (ValueError, TypeError) as exc:
                 return f"bad value {key}={v!r}: {exc}"
     return None
+
+
+# ---- run identity: which settings make two runs "the same run" ----------------------------------
+NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_threads", "hardware.warmup_steps",
+                "hardware.compile", "hardware.compile_scope", "data.prefetch", "checkpoint.keep_last",
+                "checkpoint.every_steps", "checkpoint.final")
+
+
+def semantic_dict(cfg: RunConfig) -> dict:
+    """The config minus settings that do not change what is trained (logging, checkpoint cadence,
+    threads, compilation...): what resume and idempotent sweeps compare."""
+    d = to_dict(cfg)
+    for key in NON_SEMANTIC:
+        node, *rest = key.split(".")
+        if rest:
+            d.get(node, {}).pop(rest[0], None)
+        else:
+            d.pop(node, None)
+    return d
+
+
+def signature(cfg: RunConfig) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(semantic_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out

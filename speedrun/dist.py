@@ -74,7 +74,11 @@ def _submitit_env():
 def detect_mode(gpus: int) -> str:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return "torchrun"
-    if _submitit_env() is not None:
+    env = _submitit_env()
+    if env is not None:
+        if env.num_tasks != gpus * int(os.environ.get("SLURM_NNODES", "1")):
+            raise RuntimeError(f"the SLURM job has {env.num_tasks} tasks but hardware.gpus={gpus}: one task per GPU "
+                               "(hydra.launcher.tasks_per_node must equal hardware.gpus)")
         return "submitit"
     return "spawn" if gpus > 1 else "single"
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttnContext, attend, build_context, flex_available
+from .attention import AttnContext, attend, build_context, flex_available, varlen_available
 from .config import ModelConfig, mlp_hidden
 from .vocab import MASK
 
@@ -47,25 +47,18 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """Half-split rotary embedding: dims [0, D/2) and [D/2, D) rotate as pairs; positions 0..T-1."""
+    """Half-split rotary embedding: dims [0, D/2) and [D/2, D) rotate as pairs; positions 0..T-1 of the
+    packed stream (RoPE is relative, so stream positions act like positions within each document).
+    cos/sin are recomputed in the graph (cheap, fused by the compiler; no cache state to guard on)."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
-        self._cache: tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]] = (0, None, None)
-
-    def cos_sin(self, T: int, device: torch.device):
-        n, cos, sin = self._cache
-        if n < T or cos is None or cos.device != device:
-            t = torch.arange(T, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            cos, sin = freqs.cos(), freqs.sin()
-            self._cache = (T, cos, sin)
-        return cos[:T], sin[:T]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, H, D)
-        cos, sin = self.cos_sin(x.size(0), x.device)
-        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        t = torch.arange(x.size(0), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos, sin = freqs.cos()[:, None, :].to(x.dtype), freqs.sin()[:, None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
@@ -157,18 +150,32 @@ class ProteinLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.decoder.weight = self.embed.weight
         self.attn_backend = "sdpa"
+        self.max_segment_len = 0
 
-    def set_attention_backend(self, device: torch.device) -> str:
-        """Pick FlexAttention on CUDA (unless model.attention=sdpa), SDPA elsewhere."""
+    def set_attention_backend(self, device: torch.device, max_segment_len: int = 0) -> str:
+        """Choose the attention back-end (see attention.py). `max_segment_len` > 0 promises that no
+        segment of a packed batch (document or trailing padding) is longer — and that the window never
+        binds — which allows FlashAttention's varlen kernel on CUDA; otherwise FlexAttention on CUDA
+        and SDPA elsewhere."""
         want = self.cfg.attention
-        if want == "flex" and not flex_available(device):
-            raise RuntimeError(f"model.attention=flex needs CUDA (device is {device}): use model.attention=auto")
-        self.attn_backend = "flex" if want == "flex" or (want == "auto" and flex_available(device)) else "sdpa"
-        return self.attn_backend
+        if want in ("flex", "varlen") and not flex_available(device):
+            raise RuntimeError(f"model.attention={want} needs CUDA (device is {device}): use model.attention=auto")
+        if want == "varlen" and (not varlen_available(device) or max_segment_len <= 0):
+            raise RuntimeError("model.attention=varlen needs torch.nn.attention.varlen and documents no longer "
+                               "than the sliding window: use model.attention=auto")
+        if want == "auto":
+            if varlen_available(device) and max_segment_len > 0:
+                want = "varlen"
+            elif flex_available(device):
+                want = "flex"
+            else:
+                want = "sdpa"
+        self.attn_backend, self.max_segment_len = want, max_segment_len
+        return want
 
     def make_context(self, doc_ids: torch.Tensor, window: int | torch.Tensor) -> AttnContext:
         """Attention masks for one forward, built outside any compiled region."""
-        return build_context(doc_ids, window, self.attn_backend)
+        return build_context(doc_ids, window, self.attn_backend, self.max_segment_len)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -10,11 +10,15 @@ Muon (Keller Jordan; RECIPE.md §5.1). For each hidden matrix W with gradient G:
 
 This is exactly `torch.optim.Muon` with weight_decay=0 and adjust_lr_fn="original" (tested).
 
+Matrices of the same shape are orthogonalised together (one batched Newton–Schulz per shape: a few
+large matmuls instead of thousands of small launches).
+
 Distributed: gradients are already averaged by DDP, so every rank could orthogonalise every matrix.
-Instead the work is shared: matrices are grouped by shape, each group is padded to a multiple of the
-world size, rank r orthogonalises every world-th matrix of a group, and `all_gather` hands the results
-to every rank. Works on any number of ranks (the reference asserts on numel groups and fails with
-the Patch-UNet on 4 or 8 GPUs).
+Instead the work is shared: within each shape group rank r orthogonalises matrices r, r+world, ...,
+and one `all_gather_into_tensor` per shape hands every rank every result (the last chunk is padded
+with zeros). Momentum is advanced on every rank, so any rank holds the full optimizer state. Works on
+any number of ranks (the reference asserts on numel groups and fails with the Patch-UNet on 4 or 8
+GPUs).
 
 Parameter groups with `optimizer=muon` (RECIPE.md §5.2): matrices (ndim >= 2, not an embedding, not
 the head) -> Muon at lr_hidden; embeddings (token + value) -> Adam lr_embed; LM head -> Adam lr_head;
@@ -38,19 +42,21 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise G (singular values end up near 1, roughly in [0.5, 1.5])."""
+    """Approximately orthogonalise G, or a batch of same-shaped matrices (..., m, n): singular values end
+    up near 1, roughly in [0.5, 1.5]. Runs in bf16 on the wide orientation."""
     a, b, c = NS_COEFFS
     X = G.bfloat16()
-    transposed = G.size(0) > G.size(1)
+    transposed = G.size(-2) > G.size(-1)
     if transposed:
-        X = X.T
-    X = X / X.norm().clamp(min=eps)
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    mm = torch.addmm if X.ndim == 2 else torch.baddbmm
     for _ in range(steps):
-        A = X @ X.T
-        B = torch.addmm(A, A, A, beta=b, alpha=c)
-        X = torch.addmm(X, B, X, beta=a)
+        A = X @ X.mT
+        B = mm(A, A, A, beta=b, alpha=c)
+        X = mm(X, B, X, beta=a)
     if transposed:
-        X = X.T
+        X = X.mT
     return X
 
 
@@ -85,25 +91,27 @@ class Muon(torch.optim.Optimizer):
         rank = dist.get_rank() if world > 1 else 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            directions = {p: self._momentum(p, group) for p in params}
-            if world == 1:
-                for p in params:
-                    self._apply(p, zeropower_via_newtonschulz5(directions[p], group["ns_steps"]), group["lr"])
-                continue
             by_shape = defaultdict(list)
             for p in params:
                 by_shape[tuple(p.shape)].append(p)
             for shape, plist in by_shape.items():
-                for base in range(0, len(plist), world):
-                    chunk = plist[base:base + world]
-                    if rank < len(chunk):
-                        o = zeropower_via_newtonschulz5(directions[chunk[rank]], group["ns_steps"])
-                    else:  # this rank has no matrix in the last, partial chunk: send a placeholder
-                        o = torch.zeros(shape, dtype=torch.bfloat16, device=plist[0].device)
-                    gathered = [torch.empty_like(o) for _ in range(world)]
-                    dist.all_gather(gathered, o.contiguous())
-                    for p, op in zip(chunk, gathered):
-                        self._apply(p, op, group["lr"])
+                directions = [self._momentum(p, group) for p in plist]
+                if world == 1:  # one batched Newton-Schulz per shape: a few large kernels, not many small ones
+                    out = zeropower_via_newtonschulz5(torch.stack(directions), group["ns_steps"])
+                    for p, o in zip(plist, out):
+                        self._apply(p, o, group["lr"])
+                    continue
+                # rank r orthogonalises matrices r, r+world, ... of this shape (batched), then all ranks
+                # exchange results; the last chunk is padded with zeros so every rank sends the same shape
+                n_chunks = -(-len(plist) // world)
+                mine = [directions[i] for i in range(rank, len(plist), world)]
+                local = torch.zeros((n_chunks, *shape), dtype=torch.bfloat16, device=plist[0].device)
+                if mine:
+                    local[:len(mine)] = zeropower_via_newtonschulz5(torch.stack(mine), group["ns_steps"])
+                gathered = torch.empty((world * n_chunks, *shape), dtype=torch.bfloat16, device=local.device)
+                dist.all_gather_into_tensor(gathered, local)  # rank r's chunk lands at rows r*n_chunks...
+                for i, p in enumerate(plist):
+                    self._apply(p, gathered[(i % world) * n_chunks + i // world], group["lr"])
         return None
 
 

@@ -41,34 +41,50 @@ def write_reproduce(run_dir: Path, cfg_dict: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fail(msg: str, multirun: bool) -> None:
+def _global_rank() -> int:
+    """This process's rank: torchrun/spawn set RANK; under submitit every task runs this Hydra job before
+    RANK is exported, so SLURM_PROCID tells the tasks apart."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _fail(msg: str, multirun: bool, run_dir: Path | None = None) -> None:
+    """One line on stderr. A single run exits with code 2; in a multirun the job is marked failed in its
+    summary.json (so the sweep report shows why) and the sweep goes on with the other jobs."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     if not multirun:
         sys.exit(2)
-    raise SystemExit(2)
+    if run_dir is not None and _global_rank() == 0:
+        from .rundir import read_json, write_json
+
+        path = run_dir / "summary.json"
+        summary = read_json(path)
+        if summary.get("status") != "failed":
+            summary.update(status="failed", reason=msg)
+            write_json(path, summary)
+    return None
 
 
 def run_task(cfg: DictConfig):
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         typed = from_container(cfg)
     except ConfigError as exc:
-        return _fail(str(exc), multirun)
-    run_dir = Path(hc.runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        return _fail(str(exc), multirun, run_dir)
 
     from .checkpoint import CheckpointError
     from .data.shards import DataError
     from .train import RunFailed, run
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _global_rank() == 0:
         write_reproduce(run_dir, to_dict(typed))
     try:
         summary = run(typed, run_dir)
     except (ConfigError, DataError, CheckpointError, RunFailed) as exc:
-        return _fail(str(exc), multirun)
-    if summary and int(os.environ.get("RANK", "0")) == 0:
+        return _fail(str(exc), multirun, run_dir)
+    if summary and _global_rank() == 0:
         print(f"run directory: {run_dir}")
         keys = ("status", "val_loss", "unigram_loss", "val_ppl", "val_accuracy", "tokens_per_s", "train_seconds")
         print("summary: " + ", ".join(f"{k}={_fmt(summary.get(k))}" for k in keys if k in summary), flush=True)

@@ -11,7 +11,8 @@ FINAL evaluation, checkpoint and summary.
 
 Timing follows RECIPE.md decision 5: compilation happens in an explicit untimed warm-up; the clock
 (`train_seconds`) runs over optimizer steps only and is paused (after a device sync) for evaluation
-and checkpointing; `wall_seconds` counts everything from process start. tokens/s = trained tokens /
+and checkpointing; `wall_seconds` counts everything from the start of the run (summed over resumes;
+`time_to_first_step` counts from process start). tokens/s = trained tokens /
 train_seconds.
 """
 from __future__ import annotations
@@ -32,18 +33,30 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import dist as D
-from .config import ConfigError, RunConfig, batch_geometry, to_dict
-from .data import dataset_dir
+from .config import ConfigError, RunConfig, batch_geometry, diff_keys, semantic_dict, signature, to_dict
+from .data import data_files
 from .data.loader import EvalSet, Prefetcher, TrainStream
-from .data.shards import require_shards
 from .evaluate import evaluate
 from .model import ProteinLM, flops_per_token
-from .objectives import (apply_objective, diffusion_fraction, generator_for, mask_rate_at, mask_tokens,
-                         masked_loss)
+from .objectives import (apply_objective, dense_loss, diffusion_fraction, generator_for, mask_rate_at,
+                         mask_tokens, masked_loss)
 from .optim import apply_schedules, build_optimizers
 from .rundir import MetricsLog, environment, read_json, setup_logging, write_json
+from .tracking import Tracker
 
-PROCESS_START = time.time()
+def _process_start() -> float:
+    """Wall-clock time this process started (Linux /proc; else the import time of this module)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+PROCESS_START = _process_start()
 TERMINAL = ("done", "failed", "dry_run")
 
 
@@ -60,18 +73,28 @@ class StopRun(Exception):
 
 
 class MaskedLM(nn.Module):
-    """The module DDP wraps: model forward + loss on masked positions, so every parameter's gradient
-    comes out of one forward call. `core` is the (optionally compiled) model used for the forward."""
+    """The module DDP wraps: model forward + head + loss, so every parameter's gradient comes out of
+    one forward call. The head runs on every position (static shapes for the compiler)."""
 
     def __init__(self, model: ProteinLM):
         super().__init__()
         self.model = model
-        object.__setattr__(self, "core", model)  # not a submodule: parameters are registered once
 
     def forward(self, inputs, doc_ids, window, labels, ctx, dtype, weights=None, denom=None):
-        h = self.core(inputs, doc_ids, window, dtype=dtype, ctx=ctx)
-        loss, _, _ = masked_loss(self.model, h, labels, weights=weights, denom=denom)
-        return loss
+        h = self.model(inputs, doc_ids, window, dtype=dtype, ctx=ctx)
+        return dense_loss(self.model.logits(h), labels, weights, denom)
+
+
+def compile_model(model: ProteinLM, scope: str) -> None:
+    """torch.compile in place. scope=blocks compiles each transformer block (identical code, so one
+    compiled graph serves all layers: short compile times) plus the head; scope=model compiles the
+    whole forward as one graph."""
+    if scope == "model":
+        model.compile(dynamic=False)
+        return
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    model.lm_head.compile(dynamic=False)
 
 
 def window_at(cfg: RunConfig, step: int) -> int:
@@ -153,9 +176,10 @@ class Signals:
                 continue
 
     def _set(self, status: str, signum: int) -> None:
-        if self.flag is not None and status == "interrupted":  # second Ctrl-C: stop now
+        if self.flag is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.flag, self.signum = status, signum
+        if self.flag is None:  # the first signal decides (e.g. SLURM's SIGTERM after USR2 keeps "preempted")
+            self.flag, self.signum = status, signum
 
     @property
     def name(self) -> str:
@@ -189,20 +213,40 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     # ============================================ SETUP ============================================
     run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(run_dir, info.rank)
+    log.info(f"rank {info.rank}/{info.world_size} on {info.device} ({info.mode}), host {os.uname().nodename}, "
+             f"pid {os.getpid()}")
     main = info.is_main
     device = info.device
     summary_path = run_dir / "summary.json"
     previous = read_json(summary_path)
+    ckpt_root = run_dir / "checkpoints"
+    # ---- is this directory new, our own run (finished, or to resume / restart), or someone else's? ----
+    sig, ident_path = signature(cfg), run_dir / "run.json"
+    ident = read_json(ident_path)
+    same = ident.get("signature") == sig
+    changed = ", ".join(diff_keys(ident.get("config", {}), semantic_dict(cfg))[:6]) if ident and not same else ""
     if previous.get("status") == "done" and not cfg.dry_run:
+        if ident and not same:
+            raise RuntimeError(f"{run_dir} holds a finished run with a different config ({changed}): "
+                               "start in a new directory (drop hydra.run.dir / hydra.sweep.dir)")
         log.info(f"{run_dir}: summary.json says done; nothing to do")
         return previous
-    ckpt_root = run_dir / "checkpoints"
     resume_from = ckpt.latest(ckpt_root) if cfg.resume != "never" else None
     if cfg.resume == "must" and resume_from is None:
         raise ckpt.CheckpointError(f"resume=must but {ckpt_root} holds no complete checkpoint")
-    if resume_from is None and not cfg.dry_run and (ckpt.latest(ckpt_root) or (run_dir / "metrics.jsonl").exists()):
-        raise RuntimeError(f"{run_dir} already holds another run's results; start in a new directory "
-                           "(drop hydra.run.dir) or use resume=auto to continue it")
+    has_results = ckpt.latest(ckpt_root) is not None or (run_dir / "metrics.jsonl").exists()
+    if not cfg.dry_run and has_results:
+        if cfg.resume == "never" or (cfg.resume != "must" and not same):
+            why = f"a run with a different config ({changed})" if changed else "another run's results"
+            raise RuntimeError(f"{run_dir} already holds {why}; start in a new directory (drop hydra.run.dir), "
+                               "or resume=must to continue it anyway")
+        if resume_from is None:  # our own run, stopped before its first checkpoint: start it over
+            log.info(f"{run_dir}: no checkpoint yet from an earlier attempt of this run; starting over")
+            if info.is_main:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            D.barrier(info)
+    if info.is_main and not cfg.dry_run and not ident_path.exists():
+        write_json(ident_path, {"signature": sig, "config": semantic_dict(cfg)})
 
     if cfg.hardware.num_threads > 0:
         torch.set_num_threads(cfg.hardware.num_threads)
@@ -214,22 +258,24 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     geo = batch_geometry(cfg, info.world_size)
     T, accum = geo["micro_batch_tokens"], geo["grad_accum"]
 
-    data_dir = dataset_dir(cfg.data.name, cfg.data.path)
-    train_files = require_shards(data_dir, "train")
-    valid_files = require_shards(data_dir, "valid")
+    train_files = data_files(cfg.data, "train")
+    valid_files = data_files(cfg.data, "valid")
+    data_dir = train_files[0].parent
     stream = TrainStream(train_files, T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size)
     eval_T = cfg.eval.batch_tokens or T
     evalset = EvalSet.build(valid_files, eval_T, cfg.data.max_length, cfg.eval.max_tokens, cfg.eval.seed)
 
     model = ProteinLM(cfg.model).to(device)
-    backend = model.set_attention_backend(device)
+    window_never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
+    backend = model.set_attention_backend(device, cfg.data.max_length if window_never_binds else 0)
     n_params = model.num_params()
     if cfg.train.max_params is not None and n_params > cfg.train.max_params:
         raise ConfigError(f"the model has {n_params:,} parameters, over train.max_params={cfg.train.max_params:,} "
                           "(the speed track's limit): choose a smaller model")
     optimizers = build_optimizers(model, cfg.optimizer, device)
 
-    step, tokens_seen, train_seconds_before = 0, 0, 0.0
+    run_start = time.time()
+    step, tokens_seen, train_seconds_before, wall_before = 0, 0, 0.0, 0.0
     best_val, target_hit = math.inf, previous.get("target") if resume_from else None
     if resume_from is not None:
         state = ckpt.load(resume_from, model, device)
@@ -239,14 +285,15 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens"]
         train_seconds_before, best_val = state["train_seconds"], state.get("best_val", math.inf)
+        wall_before = state.get("wall_seconds", 0.0)
         target_hit = state.get("target")
         log.info(f"resumed from {resume_from} at step {step}")
 
     mean_ctx = _mean_context(evalset, cfg.data.max_length)
-    fpt = flops_per_token(cfg.model, mean_ctx, head_fraction=cfg.objective.mask_rate)
+    fpt = flops_per_token(cfg.model, mean_ctx)
     desc = {"n_params": n_params, "batch": geo, "attention": backend, "device": str(device),
             "precision": cfg.hardware.precision, "compile": cfg.hardware.compile,
-            "flops_per_token": fpt, "data_dir": str(data_dir), "train_shards": len(train_files),
+            "flops_per_token": fpt, "mean_context": mean_ctx, "data_dir": str(data_dir), "train_shards": len(train_files),
             "valid_tokens": evalset.n_tokens, "mode": info.mode}
     if main:
         log.info(f"run dir {run_dir}")
@@ -276,9 +323,12 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         return summary
 
     # ======================================= COMPILE WARM-UP =======================================
-    core = torch.compile(model, dynamic=False) if cfg.hardware.compile else model
+    if cfg.hardware.compile and backend == "sdpa":
+        log.warning("hardware.compile=true ignored: the SDPA attention path (CPU) has data-dependent shapes; "
+                    "torch.compile is used with the varlen/flex back-ends on CUDA")
+    elif cfg.hardware.compile:
+        compile_model(model, cfg.hardware.compile_scope)
     task = MaskedLM(model)
-    object.__setattr__(task, "core", core)
     net = task
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None,
@@ -325,18 +375,25 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     clock = Clock(device, train_seconds_before)
     if main:
         write_json(summary_path, {"status": "running", "n_params": n_params, "step": step, **desc})
+    tracker = Tracker(cfg, run_dir, is_main=main)  # W&B (when on) + console progress
+    tracker.start(total_steps=cfg.train.max_steps, start_step=step, info=desc)
     status, reason = "done", None
     last_val: dict = {}
     time_to_first_step = None
     last_log_time, last_log_tokens, last_log_train = time.time(), tokens_seen, clock.seconds
     losses: list[torch.Tensor] = []
     skipped_steps, bad_streak = (state.get("skipped_steps", 0) if resume_from is not None else 0), 0
+    step_times: list[float] = []  # seconds between consecutive end-of-step syncs (no pause in between)
+    last_sync: Optional[float] = None
+    loader_wait = 0.0
     cursor = stream.state_dict()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def evaluate_now(prefix: str = "val", files=None) -> dict:
+        nonlocal last_sync
         clock.pause()
+        last_sync = None
         es = evalset if files is None else EvalSet.build(files, eval_T, cfg.data.max_length, cfg.eval.max_tokens,
                                                          cfg.eval.seed)
         out = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
@@ -351,11 +408,14 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         return out
 
     def save_checkpoint() -> None:
+        nonlocal last_sync
         clock.pause()
+        last_sync = None
         data_states = _gather_objects(cursor, info)
         if main:
             state = {"step": step, "tokens": tokens_seen, "optimizers": [o.state_dict() for o in optimizers],
                      "data": data_states, "rng": rng_state(), "train_seconds": clock.seconds,
+                     "wall_seconds": wall_before + time.time() - run_start,
                      "best_val": best_val, "target": target_hit, "config": to_dict(cfg),
                      "skipped_steps": skipped_steps}
             path = ckpt.save(ckpt_root, step, model, state, keep_last=cfg.checkpoint.keep_last)
@@ -389,7 +449,9 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
             step_loss = torch.zeros((), device=device)
             try:
                 for micro in range(accum):
+                    t_wait = time.perf_counter()
                     tokens, doc_ids, cursor = loader.next()
+                    loader_wait += time.perf_counter() - t_wait
                     gen = generator_for(device, cfg.seed, step, micro, info.rank)
                     step_loss += micro_step(tokens.long(), doc_ids, step, gen, sync=(micro == accum - 1)) / accum
                 grad_norm = _clip_grad_norm(model, cfg.optimizer.grad_clip)
@@ -399,6 +461,10 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                     ok = ok.float()
                     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
                 finite = bool(ok)
+                t_now = time.perf_counter()
+                if last_sync is not None:
+                    step_times.append(t_now - last_sync)
+                last_sync = t_now
                 if finite:
                     for opt in optimizers:
                         opt.step()
@@ -409,6 +475,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
             model.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += geo["batch_tokens"]
+            tracker.progress(step)  # advances the console bar; no device sync
             if finite:
                 bad_streak = 0
                 losses.append(step_loss)
@@ -439,13 +506,12 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                 row = {"step": step, "tokens": tokens_seen, "train_loss": mean_loss.item(),
                        "lr_mult": lr_mult, "lr_hidden": optimizers[0].param_groups[0]["lr"],
                        "mask_rate": rate, "diffusion_frac": alpha, "window": window, "tokens_per_s": tps,
-                       "train_seconds": now_train, "wall_seconds": time.time() - PROCESS_START}
+                       "train_seconds": now_train, "wall_seconds": wall_before + time.time() - run_start}
                 row["grad_norm"] = float(grad_norm)
                 row["skipped_steps"] = skipped_steps
                 metrics.write(row)
-                if main:
-                    log.info(f"step {step}/{cfg.train.max_steps} | loss {row['train_loss']:.4f} | "
-                             f"lr x{lr_mult:.3f} | {tps / 1e3:.1f}k tok/s | train {now_train:.1f}s")
+                tracker.log(row)
+                tracker.progress(step, row["train_loss"], tps, extra=f"lr x{lr_mult:.3f} | train {now_train:.1f}s")
                 last_log_tokens, last_log_train = tokens_seen, now_train
 
             # ---- evaluation ----
@@ -454,7 +520,9 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                 last_val = evaluate_now()
                 best_val = min(best_val, last_val["val_loss"])
                 target_hit = _check_target(cfg, last_val, target_hit, step, tokens_seen, clock.seconds)
-                metrics.write({"step": step, "tokens": tokens_seen, "train_seconds": clock.seconds, **last_val})
+                val_row = {"step": step, "tokens": tokens_seen, "train_seconds": clock.seconds, **last_val}
+                metrics.write(val_row)
+                tracker.log(val_row)
                 if main:
                     log.info(_val_line(step, last_val))
                 if target_hit and cfg.train.stop_at_target:
@@ -470,11 +538,13 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         last_val = evaluate_now()
         best_val = min(best_val, last_val["val_loss"])
         target_hit = _check_target(cfg, last_val, target_hit, step, tokens_seen, clock.seconds)
-        metrics.write({"step": step, "tokens": tokens_seen, "train_seconds": clock.seconds, **last_val})
+        val_row = {"step": step, "tokens": tokens_seen, "train_seconds": clock.seconds, **last_val}
+        metrics.write(val_row)
+        tracker.log(val_row)
         if main:
             log.info(_val_line(step, last_val))
         if cfg.eval.test:
-            test_files = require_shards(data_dir, "test")
+            test_files = data_files(cfg.data, "test")
             last_val.update(evaluate_now("test", test_files))
         if cfg.checkpoint.final:
             save_checkpoint()
@@ -485,17 +555,24 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
             ("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         if main:
             with contextlib.suppress(OSError):  # a full disk must not hide the original error
-                _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
-                               best_val, target_hit, time_to_first_step, compile_seconds, device,
-                               skipped_steps)
+                tracker.summary(_write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock,
+                                               last_val, best_val, target_hit, time_to_first_step,
+                                               compile_seconds, device, skipped_steps, step_times, loader_wait,
+                                               wall_before + time.time() - run_start))
+        tracker.finish(status)
         raise
     finally:
         loader.close()
         signals.restore()
 
-    summary = _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
-                             best_val, target_hit, time_to_first_step, compile_seconds, device,
-                             skipped_steps) if main else {}
+    try:
+        summary = _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
+                                 best_val, target_hit, time_to_first_step, compile_seconds, device,
+                                 skipped_steps, step_times, loader_wait,
+                                 wall_before + time.time() - run_start) if main else {}
+        tracker.summary(summary)
+    finally:
+        tracker.finish(status)
     if main:
         log.info(f"{status}: {run_dir}")
         if last_val:
@@ -554,8 +631,17 @@ def _clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def _write_summary(path, status, reason, cfg, desc, step, tokens, clock, val, best_val, target, ttfs,
-                   compile_seconds, device, skipped_steps=0) -> dict:
+                   compile_seconds, device, skipped_steps=0, step_times=(), loader_wait=0.0,
+                   wall_seconds=None) -> dict:
     train_s = clock.seconds
+    timing = {}
+    if step_times:
+        st = np.sort(np.asarray(step_times)) * 1e3
+        timing = {"step_ms_median": float(np.median(st)), "step_ms_p10": float(np.percentile(st, 10)),
+                  "step_ms_p90": float(np.percentile(st, 90)), "timed_step_count": int(st.size),
+                  "tokens_per_s_median_step": desc["batch"]["batch_tokens"] / (float(np.median(st)) / 1e3)}
+        if len(step_times) <= 1000:  # the raw series for benchmarks (speedrun.bench)
+            timing["step_times_ms"] = [round(t * 1e3, 3) for t in step_times]
     summary = {
         "status": status,
         "reason": reason,
@@ -564,10 +650,12 @@ def _write_summary(path, status, reason, cfg, desc, step, tokens, clock, val, be
         "max_steps": cfg.train.max_steps,
         "tokens": tokens,
         "train_seconds": train_s,
-        "wall_seconds": time.time() - PROCESS_START,
+        "wall_seconds": wall_seconds,
         "tokens_per_s": tokens / train_s if train_s > 0 else None,
         "time_to_first_step": ttfs,
         "compile_seconds": compile_seconds,
+        "loader_wait_frac": loader_wait / train_s if train_s > 0 else None,
+        **timing,
         "val_loss": val.get("val_loss"),
         "unigram_loss": val.get("val_unigram_loss"),
         "best_val_loss": best_val if math.isfinite(best_val) else None,

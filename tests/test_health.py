@@ -18,18 +18,18 @@ from speedrun.train import RunFailed, run
 
 
 def _inject(monkeypatch, bad_calls: set, value=float("nan")):
-    """Make masked_loss return a non-finite loss on the given (1-based) calls."""
-    real = T.masked_loss
+    """Make the training loss non-finite on the given (1-based) calls."""
+    real = T.dense_loss
     calls = {"n": 0}
 
     def fake(*a, **k):
-        loss, logits, targets = real(*a, **k)
+        loss = real(*a, **k)
         calls["n"] += 1
         if calls["n"] in bad_calls:
             loss = loss * value
-        return loss, logits, targets
+        return loss
 
-    monkeypatch.setattr(T, "masked_loss", fake)
+    monkeypatch.setattr(T, "dense_loss", fake)
 
 
 def _rows(d):
@@ -88,7 +88,7 @@ def test_out_of_memory_names_the_micro_batch(tiny_cfg, tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(T, "masked_loss", oom)
+    monkeypatch.setattr(T, "dense_loss", oom)
     with pytest.raises(RunFailed) as err:
         run(tiny_cfg("train.max_steps=3"), tmp_path)
     msg = str(err.value)

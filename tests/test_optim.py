@@ -95,3 +95,60 @@ def test_schedules():
     apply_schedules(opts, c, 0, 100)
     assert opts[0].param_groups[0]["lr"] == pytest.approx(0.05)  # Muon: no warm-up
     assert opts[1].param_groups[0]["lr"] == pytest.approx(0.006)  # Adam embed: 0.06 x 0.1
+
+
+def test_batched_same_shape_matrices_match_torch_muon():
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    torch.manual_seed(1)
+    ws = [torch.randn(64, 48) for _ in range(3)] + [torch.randn(48, 64) for _ in range(2)]
+    a = [w.clone().requires_grad_(True) for w in ws]
+    b = [w.clone().requires_grad_(True) for w in ws]
+    ours, ref = Muon(a, lr=0.02), torch.optim.Muon(b, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+    for _ in range(3):
+        for p, q in zip(a, b):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(a, b):  # batched bf16 GEMMs may round differently from one-at-a-time ones
+        torch.testing.assert_close(p, q, atol=2e-4, rtol=0)
+
+
+def _muon_rank(rank, world, port, shapes, out_dir):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    ps = [torch.randn(*s, requires_grad=True) for s in shapes]
+    opt = Muon(ps, lr=0.05)
+    for step in range(2):
+        torch.manual_seed(100 + step)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    torch.save([p.detach() for p in ps], f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_muon_shares_work_and_matches_one_rank(tmp_path, world):
+    import torch.multiprocessing as mp
+    from speedrun.dist import free_port
+
+    shapes = [(32, 16)] * 5 + [(16, 16)] * 2 + [(8, 24)]  # counts not divisible by the world size
+    mp.start_processes(_muon_rank, args=(world, free_port(), shapes, str(tmp_path)), nprocs=world,
+                       start_method="spawn")
+    torch.manual_seed(0)
+    ps = [torch.randn(*s, requires_grad=True) for s in shapes]
+    opt = Muon(ps, lr=0.05)
+    for step in range(2):
+        torch.manual_seed(100 + step)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for r in range(world):
+        for got, want in zip(results[r], ps):
+            torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=0)

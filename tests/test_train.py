@@ -92,9 +92,23 @@ def test_done_run_exits_at_once(tiny_cfg, tmp_path):
 
 def test_refuses_to_overwrite_another_run(tiny_cfg, tmp_path):
     run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path)
+    with pytest.raises(RuntimeError, match=r"finished run with a different config \(seed\)"):
+        run(tiny_cfg("train.max_steps=2", "seed=1"), tmp_path)
     (tmp_path / "summary.json").unlink()
-    with pytest.raises(RuntimeError, match="already holds another run"):
-        run(tiny_cfg("train.max_steps=2"), tmp_path)
+    with pytest.raises(RuntimeError, match=r"already holds a run with a different config \(seed\)"):
+        run(tiny_cfg("train.max_steps=2", "seed=1"), tmp_path)
+    (tmp_path / "run.json").unlink()  # results with no identity at all: never overwritten
+    with pytest.raises(RuntimeError, match="already holds another run's results"):
+        run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path)
+
+
+def test_own_run_killed_before_its_first_checkpoint_starts_over(tiny_cfg, tmp_path):
+    ref = run(tiny_cfg("train.max_steps=3", "checkpoint.final=false"), tmp_path / "ref")
+    run(tiny_cfg("train.max_steps=3", "checkpoint.final=false"), tmp_path / "r")
+    (tmp_path / "r" / "summary.json").unlink()  # as if killed (SIGKILL, node failure) before finishing
+    again = run(tiny_cfg("train.max_steps=3", "checkpoint.final=false", "log.progress=plain"), tmp_path / "r")
+    assert again["status"] == "done" and again["val_loss"] == ref["val_loss"]
+    assert [r["step"] for r in _rows(tmp_path / "r") if "train_loss" in r] == [1, 2, 3]
 
 
 def test_full_disk_keeps_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):

@@ -1,0 +1,113 @@
+"""Training-throughput benchmark: `python -m speedrun.bench [group=option ...] [key=value ...] [bench.*=...]`.
+
+Composed by Hydra exactly like a run (`python -m speedrun.bench model=unet optimizer=muon hardware=gpu
+data=local data.path=DIR`), then it runs the real training loop (speedrun.train.run) for
+`bench.warmup + bench.steps` optimizer steps with evaluation and checkpoints off, and prints:
+
+* tokens/s (from the median step time, and overall), step time median / p10 / p90;
+* MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token
+  = 6 x (matrix parameters) + 12 x layers x width x mean attended context (speedrun.model.flops_per_token;
+  the mean context is sum(L_i^2) / sum(L_i) over the documents of the batches) and the peak given by
+  `bench.peak_tflops` (default 793: the bf16 matmul ceiling measured on an H200);
+* time to the first optimizer step (from process start, compilation included), compile seconds;
+* peak GPU memory; the data loader's share of train time (host time spent waiting for batches).
+
+Bench-only keys: bench.steps (timed steps, default 20), bench.warmup (steps excluded from the
+statistics, default 3), bench.peak_tflops, bench.out (a JSON file for the results).
+On CPU with a tiny model it exercises the same code path (tests/test_bench.py).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONF = Path(__file__).resolve().parent.parent.parent / "conf"
+
+
+def parse(argv: list[str]) -> tuple[list[str], dict]:
+    bench = {"steps": 20, "warmup": 3, "peak_tflops": 793.0, "out": None}
+    overrides = []
+    for a in argv:
+        if a.startswith("bench."):
+            k, _, v = a[len("bench."):].partition("=")
+            if k not in bench:
+                raise SystemExit(f"error: unknown bench option bench.{k}: choose from {', '.join(bench)}")
+            bench[k] = v if k == "out" else float(v) if k == "peak_tflops" else int(v)
+        else:
+            overrides.append(a)
+    return overrides, bench
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from ..config import check_overrides, from_container, register_schema
+
+    problem = check_overrides(overrides, str(CONF))
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hcompose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return from_container(cfg)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    overrides, bench = parse(sys.argv[1:] if argv is None else argv)
+    cfg = compose(overrides)
+    cfg.train.max_steps = bench["warmup"] + bench["steps"] + 1  # +1: the first step has no predecessor
+    cfg.train.log_every = max(1, cfg.train.max_steps)
+    cfg.eval.every_steps = 0
+    cfg.eval.max_tokens = cfg.hardware.micro_batch_tokens  # the final evaluation: one batch
+    cfg.checkpoint.every_steps = 0
+    cfg.checkpoint.final = False
+    cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, 1)
+
+    from ..train import run
+
+    run_dir = Path(tempfile.mkdtemp(prefix="speedrun-bench-"))
+    t0 = time.time()
+    summary = run(cfg, run_dir)
+    times = summary.get("step_times_ms") or []
+    steady = times[bench["warmup"]:] if len(times) > bench["warmup"] else times
+    import numpy as np
+
+    st = np.asarray(steady) if steady else np.asarray([float("nan")])
+    batch = summary["batch"]["batch_tokens"]
+    tps = batch / (np.median(st) / 1e3)
+    fpt = summary["flops_per_token"]
+    result = {
+        "model": cfg.model.arch, "n_params": summary["n_params"], "device": summary["device"],
+        "attention": summary["attention"], "precision": cfg.hardware.precision, "compile": cfg.hardware.compile,
+        "compile_scope": cfg.hardware.compile_scope,
+        "batch_tokens": batch, "micro_batch_tokens": summary["batch"]["micro_batch_tokens"],
+        "grad_accum": summary["batch"]["grad_accum"], "world_size": summary["batch"]["world_size"],
+        "tokens_per_s": float(tps), "tokens_per_s_overall": summary.get("tokens_per_s"),
+        "step_ms_median": float(np.median(st)), "step_ms_p10": float(np.percentile(st, 10)),
+        "step_ms_p90": float(np.percentile(st, 90)), "timed_steps": int(len(steady)),
+        "flops_per_token": fpt, "mean_context": summary.get("mean_context"),
+        "mfu": float(tps * fpt / (bench["peak_tflops"] * 1e12)) if cfg.hardware.device != "cpu" else None,
+        "time_to_first_step_s": summary.get("time_to_first_step"), "compile_s": summary.get("compile_seconds"),
+        "peak_memory_gib": summary.get("peak_memory_gib"), "loader_wait_frac": summary.get("loader_wait_frac"),
+        "bench_wall_s": time.time() - t0, "run_dir": str(run_dir),
+    }
+    width = max(len(k) for k in result)
+    print("\nspeedrun.bench")
+    for k, v in result.items():
+        shown = f"{v:,.4g}" if isinstance(v, float) else v
+        print(f"  {k:<{width}}  {shown}")
+    if bench["out"]:
+        Path(bench["out"]).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
