@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from . import dist as D
 from .config import ConfigError, RunConfig, batch_geometry, diff_keys, semantic_dict, signature, to_dict
 from .data import data_files
-from .data.loader import EvalSet, Prefetcher, TrainStream
+from .data.loader import EvalSet, Prefetcher, RowStream, TrainStream
 from .evaluate import evaluate
 from .model import ProteinLM, flops_per_token
 from .objectives import (apply_objective, dense_loss, diffusion_fraction, generator_for, mask_rate_at,
@@ -95,6 +95,15 @@ def compile_model(model: ProteinLM, scope: str) -> None:
     for block in model.blocks:
         block.compile(dynamic=False)
     model.lm_head.compile(dynamic=False)
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
+    """ProteinLM (unet, transformer) or PatchUNet (patch_unet, over rows of data.max_length tokens)."""
+    if cfg.model.arch == "patch_unet":
+        from .patch_unet import PatchUNet
+
+        return PatchUNet(cfg.model, cfg.data.max_length)
+    return ProteinLM(cfg.model)
 
 
 def window_at(cfg: RunConfig, step: int) -> int:
@@ -261,11 +270,13 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     train_files = data_files(cfg.data, "train")
     valid_files = data_files(cfg.data, "valid")
     data_dir = train_files[0].parent
-    stream = TrainStream(train_files, T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size)
+    rows = cfg.model.arch == "patch_unet"  # the Patch-UNet takes (B, L) rows of L = data.max_length
+    Stream = RowStream if rows else TrainStream
+    stream = Stream(train_files, T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size)
     eval_T = cfg.eval.batch_tokens or T
-    evalset = EvalSet.build(valid_files, eval_T, cfg.data.max_length, cfg.eval.max_tokens, cfg.eval.seed)
+    evalset = EvalSet.build(valid_files, eval_T, cfg.data.max_length, cfg.eval.max_tokens, cfg.eval.seed, rows=rows)
 
-    model = ProteinLM(cfg.model).to(device)
+    model = build_model(cfg).to(device)
     window_never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
     backend = model.set_attention_backend(device, cfg.data.max_length if window_never_binds else 0)
     n_params = model.num_params()
@@ -290,7 +301,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         log.info(f"resumed from {resume_from} at step {step}")
 
     mean_ctx = _mean_context(evalset, cfg.data.max_length)
-    fpt = flops_per_token(cfg.model, mean_ctx)
+    fpt = None if rows else flops_per_token(cfg.model, mean_ctx)  # the Patch-UNet's levels differ: no formula
     desc = {"n_params": n_params, "batch": geo, "attention": backend, "device": str(device),
             "precision": cfg.hardware.precision, "compile": cfg.hardware.compile,
             "flops_per_token": fpt, "mean_context": mean_ctx, "data_dir": str(data_dir), "train_shards": len(train_files),
@@ -348,7 +359,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     if cfg.hardware.warmup_steps > 0:
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                  [copy.deepcopy(o.state_dict()) for o in optimizers])
-        warm = TrainStream(train_files, T, cfg.data.max_length, cfg.data.seed + 9973, info.rank, info.world_size)
+        warm = Stream(train_files, T, cfg.data.max_length, cfg.data.seed + 9973, info.rank, info.world_size)
         for i in range(cfg.hardware.warmup_steps):
             tok, did = warm.next_batch()
             t = torch.from_numpy(tok).to(device)
@@ -395,7 +406,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         clock.pause()
         last_sync = None
         es = evalset if files is None else EvalSet.build(files, eval_T, cfg.data.max_length, cfg.eval.max_tokens,
-                                                         cfg.eval.seed)
+                                                         cfg.eval.seed, rows=rows)
         out = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
                        mask_rate=cfg.eval.mask_rate, rank=info.rank,
                        world_size=info.world_size, prefix=prefix)
@@ -676,7 +687,7 @@ def _probe_step_memory(cfg, model, optimizers, stream, device, dtype) -> float:
     """Peak GPU memory (GiB) of one forward/backward/optimizer step, with state restored afterwards."""
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
              [copy.deepcopy(o.state_dict()) for o in optimizers])
-    probe = TrainStream(stream.shards.files, stream.T, stream.max_length, stream.seed + 7, stream.rank, stream.world)
+    probe = type(stream)(stream.shards.files, stream.T, stream.max_length, stream.seed + 7, stream.rank, stream.world)
     tok, did = probe.next_batch()
     torch.cuda.reset_peak_memory_stats(device)
     t, d = torch.from_numpy(tok).to(device).long(), torch.from_numpy(did).to(device)

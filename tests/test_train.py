@@ -195,3 +195,14 @@ def test_target_loss_records_time_and_tokens(tiny_cfg, tmp_path):
     assert target["loss"] == 3.3 and target["val_loss"] <= 3.3
     assert target["step"] % 5 == 0 and target["tokens"] == target["step"] * 1024 and target["train_seconds"] > 0
     assert summary["step"] == target["step"]  # stopped at the target
+
+
+@pytest.mark.parametrize("objective", ["mlm", "diffusion"])
+def test_patch_unet_trains_on_rows(tiny_cfg, tmp_path, objective):
+    """model=patch_unet takes (B, L) rows from RowStream, evaluates on row-packed batches, and learns."""
+    summary = run(tiny_cfg("model=patch_unet_tiny", f"objective={objective}", "train.max_steps=30",
+                           "eval.every_steps=3", "checkpoint.final=false"), tmp_path)
+    assert summary["status"] == "done" and summary["flops_per_token"] is None
+    vals = [r["val_loss"] for r in _rows(tmp_path) if "val_loss" in r]
+    assert vals[-1] < vals[0] - 0.1
+    assert summary["val_masked_tokens"] > 0
