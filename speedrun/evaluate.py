@@ -11,7 +11,7 @@ Metrics from the confusion matrix C (rows = label, columns = prediction), N = to
 accuracy = trace/N; per-class precision/recall/F1 (0 where undefined); weighted P/R/F1 = Σ_c m_c·n_c/N
 with n_c the support; multiclass MCC = (trace·N − Σ p_c·n_c) / sqrt((N² − Σ p_c²)(N² − Σ n_c²)).
 
-`unigram_loss` is the cross-entropy of the same masked tokens under their own empirical letter
+`val_loss_stderr` is the standard error of the mean token loss. `unigram_loss` is the cross-entropy of the same masked tokens under their own empirical letter
 frequencies (the best any context-free predictor can do on them): a model must beat it to have
 learned anything from context.
 """
@@ -73,7 +73,7 @@ def evaluate(model, evalset: EvalSet, *, device: torch.device, window: int, dtyp
     was_training = model.training
     model.eval()
     V = model.cfg.vocab_size
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, masked-token count
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # CE sum, masked-token count, CE^2 sum
     cm = torch.zeros(V * V, dtype=torch.float64, device=device)
     for _, (tokens, doc_ids, u) in evalset.for_rank(rank, world_size):
         t = torch.from_numpy(tokens).to(device).long()
@@ -82,9 +82,11 @@ def evaluate(model, evalset: EvalSet, *, device: torch.device, window: int, dtyp
         inputs = torch.where(selected, torch.full_like(t, MASK), t)
         labels = torch.where(selected, t, torch.full_like(t, IGNORE))
         h = model(inputs, d, window, dtype=dtype)
-        loss_sum, logits, targets = masked_loss(model, h, labels, reduction="sum")
-        sums[0] += loss_sum.double()
+        ce, logits, targets = masked_loss(model, h, labels, reduction="none")
+        ce = ce.double()
+        sums[0] += ce.sum()
         sums[1] += targets.numel()
+        sums[2] += (ce * ce).sum()
         pred = logits.argmax(-1)
         cm += torch.bincount(targets * V + pred, minlength=V * V).double()
     if world_size > 1:
@@ -95,8 +97,12 @@ def evaluate(model, evalset: EvalSet, *, device: torch.device, window: int, dtyp
     cm = cm.view(V, V).cpu()
     n_masked = int(sums[1].item())
     loss = (sums[0] / sums[1]).item() if n_masked else float("nan")
+    # standard error of the mean token loss (tokens treated as independent): how far apart two runs'
+    # val_loss must be before the difference means something
+    var = (sums[2] / sums[1]).item() - loss * loss if n_masked > 1 else float("nan")
+    stderr = math.sqrt(max(var, 0.0) / (n_masked - 1)) if n_masked > 1 else float("nan")
     out = {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(loss) if n_masked else float("nan"),
-           f"{prefix}_masked_tokens": n_masked}
+           f"{prefix}_loss_stderr": stderr, f"{prefix}_masked_tokens": n_masked}
     if loss_only:
         return out
     out.update({f"{prefix}_{k}": v for k, v in confusion_metrics(cm).items()})

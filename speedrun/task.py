@@ -86,7 +86,8 @@ def run_task(cfg: DictConfig):
         return _fail(str(exc), multirun, run_dir)
     if summary and _global_rank() == 0:
         print(f"run directory: {run_dir}")
-        keys = ("status", "val_loss", "unigram_loss", "val_ppl", "val_accuracy", "tokens_per_s", "train_seconds")
+        keys = ("status", "val_loss", "val_loss_stderr", "unigram_loss", "val_ppl", "val_accuracy", "tokens_per_s",
+                "train_seconds")
         print("summary: " + ", ".join(f"{k}={_fmt(summary.get(k))}" for k in keys if k in summary), flush=True)
     return summary.get("val_loss") if summary else None
 

@@ -588,6 +588,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         log.info(f"{status}: {run_dir}")
         if last_val:
             log.info(f"final val_loss {last_val.get('val_loss', float('nan')):.4f} "
+                     f"± {last_val.get('val_loss_stderr', float('nan')):.4f} "
                      f"(unigram {last_val.get('val_unigram_loss', float('nan')):.4f}) | "
                      f"ppl {last_val.get('val_ppl', float('nan')):.3f} | acc {last_val.get('val_accuracy', 0):.4f}")
     if status == "failed":

@@ -47,6 +47,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a shard is ordinary data, readable like any file
         with os.fdopen(fd, "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.tobytes())
