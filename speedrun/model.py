@@ -254,4 +254,16 @@ def flops_per_token(cfg: ModelConfig, mean_context: float, head_fraction: float 
     return 6 * (body + head * head_fraction) + 12 * L * d * mean_context
 
 
-__all__ = ["ProteinLM", "count_params_formula", "flops_per_token", "matmul_params", "norm"]
+def estimate_memory_gib(cfg: ModelConfig, micro_batch_tokens: int, precision: str) -> Optional[float]:
+    """Rough training memory on one GPU: fp32 weights + gradients + optimizer state (~12 bytes per
+    parameter), plus saved activations of ~35 bytes per token, layer and width in bf16 (twice that in
+    fp32). Calibrated on an H200 with the 133M UNet: 41.0 GiB at 65,536 tokens, 79.6 at 131,072
+    (predicted 40.9 and 80.3). None for the Patch-UNet, whose levels shrink the sequence."""
+    if cfg.arch == "patch_unet":
+        return None
+    params = count_params_formula(cfg)
+    act = micro_batch_tokens * cfg.n_layers * cfg.dim * 35.0 * (2 if precision == "fp32" else 1)
+    return (params * 12 + act) / 2**30
+
+
+__all__ = ["ProteinLM", "count_params_formula", "estimate_memory_gib", "flops_per_token", "matmul_params", "norm"]

@@ -37,7 +37,7 @@ from .config import ConfigError, RunConfig, batch_geometry, diff_keys, semantic_
 from .data import data_files
 from .data.loader import EvalSet, Prefetcher, RowStream, TrainStream
 from .evaluate import evaluate
-from .model import ProteinLM, flops_per_token
+from .model import ProteinLM, estimate_memory_gib, flops_per_token
 from .objectives import (apply_objective, dense_loss, diffusion_fraction, generator_for, mask_rate_at,
                          mask_tokens, masked_loss)
 from .optim import apply_schedules, build_optimizers
@@ -280,6 +280,16 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     window_never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
     backend = model.set_attention_backend(device, cfg.data.max_length if window_never_binds else 0)
     n_params = model.num_params()
+    est_gib = estimate_memory_gib(cfg.model, T, cfg.hardware.precision)
+    if device.type == "cuda" and est_gib is not None:
+        card = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if est_gib > 0.92 * card:
+            fit = T
+            while fit > cfg.data.max_length and estimate_memory_gib(cfg.model, fit, cfg.hardware.precision) > 0.92 * card:
+                fit //= 2
+            raise ConfigError(f"hardware.micro_batch_tokens={T} needs about {est_gib:.0f} GiB but {device} has "
+                              f"{card:.0f} GiB: use hardware.micro_batch_tokens={fit} (gradient accumulation keeps "
+                              "train.batch_tokens)")
     if cfg.train.max_params is not None and n_params > cfg.train.max_params:
         raise ConfigError(f"the model has {n_params:,} parameters, over train.max_params={cfg.train.max_params:,} "
                           "(the speed track's limit): choose a smaller model")
@@ -302,7 +312,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
 
     mean_ctx = _mean_context(evalset, cfg.data.max_length)
     fpt = None if rows else flops_per_token(cfg.model, mean_ctx)  # the Patch-UNet's levels differ: no formula
-    desc = {"n_params": n_params, "batch": geo, "attention": backend, "device": str(device),
+    desc = {"n_params": n_params, "estimated_memory_gib": est_gib, "batch": geo, "attention": backend, "device": str(device),
             "precision": cfg.hardware.precision, "compile": cfg.hardware.compile,
             "flops_per_token": fpt, "mean_context": mean_ctx, "data_dir": str(data_dir), "train_shards": len(train_files),
             "valid_tokens": evalset.n_tokens, "mode": info.mode}

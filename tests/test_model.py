@@ -149,3 +149,11 @@ def test_documents_do_not_see_each_other():
     h2 = m(ids2, doc, 1024)
     torch.testing.assert_close(h1[:21], h2[:21])
     assert not torch.allclose(h1[21:51], h2[21:51])
+
+
+def test_memory_estimate_matches_the_h200_measurements():
+    """Measured on an H200 (speedrun/bench/results): 41.0 GiB at 65,536 tokens, 79.6 GiB at 131,072."""
+    from speedrun.model import estimate_memory_gib
+    assert estimate_memory_gib(ModelConfig(), 65536, "bf16") == pytest.approx(41.0, rel=0.03)
+    assert estimate_memory_gib(ModelConfig(), 131072, "bf16") == pytest.approx(79.6, rel=0.03)
+    assert estimate_memory_gib(ModelConfig(arch="patch_unet"), 65536, "bf16") is None
