@@ -76,13 +76,15 @@ def run_task(cfg: DictConfig):
 
     from .checkpoint import CheckpointError
     from .data.shards import DataError
+    from .probe import ProbeError
+    from .probe_tasks import ProbeDataError
     from .train import RunFailed, run
 
     if _global_rank() == 0:
         write_reproduce(run_dir, to_dict(typed))
     try:
         summary = run(typed, run_dir)
-    except (ConfigError, DataError, CheckpointError, RunFailed) as exc:
+    except (ConfigError, DataError, CheckpointError, RunFailed, ProbeError, ProbeDataError) as exc:
         return _fail(str(exc), multirun, run_dir)
     if summary and _global_rank() == 0:
         print(f"run directory: {run_dir}")

@@ -332,6 +332,12 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         if diff.strip() and not (run_dir / "code.diff").exists():
             (run_dir / "code.diff").write_text(diff)
 
+    probes_on = cfg.eval.probe_every > 0
+    if probes_on and main:  # representation probes during training: fail now, not at the first probe
+        from .probe import check_eval_config
+
+        check_eval_config(cfg.eval, load=True)
+
     # ============================================ DRY RUN ==========================================
     if cfg.dry_run:
         summary = {"status": "dry_run", "n_params": n_params, **desc,
@@ -400,6 +406,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     tracker.start(total_steps=cfg.train.max_steps, start_step=step, info=desc)
     status, reason = "done", None
     last_val: dict = {}
+    last_probe: dict = {}
     time_to_first_step = None
     last_log_time, last_log_tokens, last_log_train = time.time(), tokens_seen, clock.seconds
     losses: list[torch.Tensor] = []
@@ -427,6 +434,26 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                               loss_only=True)
                 out[f"{prefix}_loss_t{round(level * 100):02d}"] = lv[f"{prefix}_loss"]
         return out
+
+    def probe_now() -> dict:
+        """Layer-wise probes (speedrun/probe.py) on rank 0, outside the train clock; others wait."""
+        nonlocal last_sync
+        clock.pause()
+        last_sync = None
+        res = {}
+        if main:
+            from .probe import run_probes_from_config
+
+            res = run_probes_from_config(model, cfg.eval, device, max_length=min(cfg.data.max_length, 1024),
+                                         dtype=dtype)
+            row = {"step": step, "tokens": tokens_seen, "train_seconds": clock.seconds, **res}
+            metrics.write(row)
+            tracker.log(row)
+            log.info(f"step {step} | probe score {res.get('probe/score', float('nan')):.4f} | " + " | ".join(
+                f"{k[6:]} {v:.3f}" for k, v in res.items() if k.startswith("probe/") and k.count("/") == 2
+                and "best_layer" not in k))
+        D.barrier(info)
+        return res
 
     def save_checkpoint() -> None:
         nonlocal last_sync
@@ -549,6 +576,10 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                 if target_hit and cfg.train.stop_at_target:
                     break
 
+            # ---- representation probes (eval.probe_every) ----
+            if probes_on and step % cfg.eval.probe_every == 0 and step < cfg.train.max_steps:
+                last_probe = probe_now()
+
             # ---- periodic checkpoint (never in the middle of a streak of non-finite steps) ----
             if (cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
                     and step < cfg.train.max_steps and bad_streak == 0):
@@ -564,6 +595,8 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         tracker.log(val_row)
         if main:
             log.info(_val_line(step, last_val))
+        if probes_on:
+            last_probe = probe_now()
         if cfg.eval.test:
             test_files = data_files(cfg.data, "test")
             last_val.update(evaluate_now("test", test_files))
@@ -577,7 +610,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         if main:
             with contextlib.suppress(OSError):  # a full disk must not hide the original error
                 tracker.summary(_write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock,
-                                               last_val, best_val, target_hit, time_to_first_step,
+                                               {**last_val, **last_probe}, best_val, target_hit, time_to_first_step,
                                                compile_seconds, device, skipped_steps, step_times, loader_wait,
                                                wall_before + time.time() - run_start))
         tracker.finish(status)
@@ -587,8 +620,8 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         signals.restore()
 
     try:
-        summary = _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock, last_val,
-                                 best_val, target_hit, time_to_first_step, compile_seconds, device,
+        summary = _write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock,
+                                 {**last_val, **last_probe}, best_val, target_hit, time_to_first_step, compile_seconds, device,
                                  skipped_steps, step_times, loader_wait,
                                  wall_before + time.time() - run_start) if main else {}
         tracker.summary(summary)

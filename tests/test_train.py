@@ -206,3 +206,14 @@ def test_patch_unet_trains_on_rows(tiny_cfg, tmp_path, objective):
     vals = [r["val_loss"] for r in _rows(tmp_path) if "val_loss" in r]
     assert vals[-1] < vals[0] - 0.1
     assert summary["val_masked_tokens"] > 0
+
+
+def test_probes_run_during_training(tiny_cfg, tmp_path):
+    """eval.probe_every runs layer-wise probes (tiny fixtures here) at its interval and at the end; the
+    scores go to metrics.jsonl and the last ones to summary.json."""
+    fix = Path(__file__).resolve().parent / "fixtures" / "probes"
+    tasks = f'eval.probe_tasks=["ss3@{fix / "flip_ss3"}","meltome@{fix / "meltome.csv"}"]'
+    summary = run(tiny_cfg("train.max_steps=4", "eval.probe_every=2", tasks, "checkpoint.final=false"), tmp_path)
+    probe_rows = [r for r in _rows(tmp_path) if "probe/score" in r]
+    assert [r["step"] for r in probe_rows] == [2, 4]  # at the interval, and once at the end
+    assert 0 < summary["probe/score"] <= 1 and "probe/ss3/test_acc" in summary and "probe/meltome/test_spearman" in summary
