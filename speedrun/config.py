@@ -121,6 +121,7 @@ class HardwareConfig:
     precision: str = "fp32"  # fp32 | bf16 (bf16 activations, fp32 master weights)
     compile: bool = False
     compile_scope: str = "blocks"  # blocks: each block (one graph for all layers, fast compile) | model
+    fp8: bool = False  # FP8 GEMMs (dynamic per-tensor scales) for the blocks' matrices; needs precision=bf16
     micro_batch_tokens: int = 4096  # tokens per rank per forward/backward
     grad_accum: Optional[int] = None  # derived from train.batch_tokens when null
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave as is
@@ -214,6 +215,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice(h.precision, PRECISIONS, "hardware.precision")
     _choice(h.device, DEVICES, "hardware.device")
     _choice(h.compile_scope, ("blocks", "model"), "hardware.compile_scope")
+    if h.fp8 and h.precision != "bf16":
+        raise ConfigError("hardware.fp8=true needs hardware.precision=bf16 (FP8 GEMMs take bf16 activations)")
+    if h.fp8 and h.micro_batch_tokens % 16:
+        raise ConfigError(f"hardware.fp8=true needs hardware.micro_batch_tokens divisible by 16 (got {h.micro_batch_tokens})")
     _choice(cfg.resume, RESUME, "resume")
     _choice(cfg.logger, LOGGERS, "logger")
     _choice(cfg.log.progress, PROGRESS, "log.progress")

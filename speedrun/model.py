@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .attention import AttnContext, attend, build_context, flex_available, varlen_available
 from .config import ModelConfig, mlp_hidden
+from .fp8 import fp8_linear
 from .vocab import MASK
 
 
@@ -34,16 +35,26 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    """x · weightᵀ with the fp32 weight cast to the activation dtype, or as an FP8 GEMM (speedrun/fp8.py)
+    when `fp8` is set and the activations are bf16."""
+    if fp8 and x.dtype == torch.bfloat16:
+        return fp8_linear(x, weight)
+    return F.linear(x, weight.to(x.dtype))
+
+
 class CastedLinear(nn.Linear):
-    """Bias-free linear layer whose fp32 weight is cast to the input's dtype at call time."""
+    """Bias-free linear layer whose fp32 weight is cast to the input's dtype at call time; `fp8` (set
+    by `ProteinLM.enable_fp8` on the hidden matrices) switches it to FP8 GEMMs under bf16."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
+        self.fp8 = False
         if zero_init:
             nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        return linear(x, self.weight, self.fp8)
 
 
 class Rotary(nn.Module):
@@ -75,7 +86,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], ctx: AttnContext) -> torch.Tensor:
         T = x.size(0)
         shape = (T, self.n_heads, self.head_dim)
-        q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)
+        # one GEMM for q, k and v (the three weights stay separate parameters, as Muon wants them)
+        w = torch.cat((self.q.weight, self.k.weight, self.v.weight))
+        q, k, v = linear(x, w, self.q.fp8).view(T, 3, *shape[1:]).unbind(1)
         if self.lambdas is not None and ve is not None:
             v = self.lambdas[0] * v + self.lambdas[1] * ve.view(shape)
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
@@ -176,6 +189,19 @@ class ProteinLM(nn.Module):
     def make_context(self, doc_ids: torch.Tensor, window: int | torch.Tensor) -> AttnContext:
         """Attention masks for one forward, built outside any compiled region."""
         return build_context(doc_ids, window, self.attn_backend, self.max_segment_len)
+
+    def enable_fp8(self, on: bool = True) -> int:
+        """Run the blocks' attention and MLP matrices as FP8 GEMMs under bf16 (speedrun/fp8.py); the
+        embeddings, value embeddings and head stay bf16. Returns the number of layers switched."""
+        n = 0
+        for block in self.blocks:
+            for lin in (block.attn.q, block.attn.k, block.attn.v, block.attn.o, block.mlp.up, block.mlp.down):
+                if lin.in_features % 16 or lin.out_features % 16:
+                    raise ValueError(f"hardware.fp8 needs widths that are multiples of 16, got a "
+                                     f"{lin.in_features}x{lin.out_features} matrix: choose model.dim accordingly")
+                lin.fp8 = on
+                n += 1
+        return n
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

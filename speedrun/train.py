@@ -37,6 +37,7 @@ from .config import ConfigError, RunConfig, batch_geometry, diff_keys, semantic_
 from .data import data_files
 from .data.loader import EvalSet, Prefetcher, RowStream, TrainStream
 from .evaluate import evaluate
+from .fp8 import fp8_supported
 from .model import ProteinLM, estimate_memory_gib, flops_per_token
 from .objectives import (apply_objective, dense_loss, diffusion_fraction, generator_for, mask_rate_at,
                          mask_tokens, masked_loss)
@@ -279,6 +280,12 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     model = build_model(cfg).to(device)
     window_never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
     backend = model.set_attention_backend(device, cfg.data.max_length if window_never_binds else 0)
+    if cfg.hardware.fp8:
+        why = fp8_supported(device) or (None if hasattr(model, "enable_fp8") else
+                                        f"model.arch={cfg.model.arch} has no FP8 path (unet and transformer have)")
+        if why:
+            raise ConfigError(f"hardware.fp8=true: {why}; use hardware.fp8=false")
+        model.enable_fp8()
     n_params = model.num_params()
     est_gib = estimate_memory_gib(cfg.model, T, cfg.hardware.precision)
     if device.type == "cuda" and est_gib is not None:
@@ -313,7 +320,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     mean_ctx = _mean_context(evalset, cfg.data.max_length)
     fpt = None if rows else flops_per_token(cfg.model, mean_ctx)  # the Patch-UNet's levels differ: no formula
     desc = {"n_params": n_params, "estimated_memory_gib": est_gib, "batch": geo, "attention": backend, "device": str(device),
-            "precision": cfg.hardware.precision, "compile": cfg.hardware.compile,
+            "precision": cfg.hardware.precision + ("+fp8" if cfg.hardware.fp8 else ""), "compile": cfg.hardware.compile,
             "flops_per_token": fpt, "mean_context": mean_ctx, "data_dir": str(data_dir), "train_shards": len(train_files),
             "valid_tokens": evalset.n_tokens, "mode": info.mode}
     if main:

@@ -28,6 +28,7 @@ def test_default_is_cpu_quickstart():
     cfg = typed()
     assert cfg.hardware.device == "cpu" and cfg.data.name == "sample"
     assert cfg.model.arch == "unet" and cfg.optimizer.name == "muon" and cfg.objective.name == "mlm"
+    assert cfg.hardware.micro_batch_tokens == 4096 and cfg.optimizer.warmup_steps == 25
 
 
 def test_reference_recipe_composes():
@@ -37,6 +38,11 @@ def test_reference_recipe_composes():
     assert abs(m.mlp_ratio - 8 / 3) < 1e-12 and not m.tie_embeddings and m.soft_cap == 32.0
     assert (o.lr_hidden, o.lr_embed, o.lr_head, o.lr_scalar) == (0.05, 0.06, 0.008, 0.04)
     assert list(o.betas) == [0.8, 0.95] and o.momentum == 0.95
+    assert (o.warmup_steps, o.momentum_warmup_steps, o.momentum_warmup_start) == (1000, 300, 0.85)
+    assert o.schedule == "cosine" and not o.muon_warmup
+    # the default quick-start experiment sets run length only: a GPU preset keeps its micro-batch
+    gpu = typed(["model=unet", "optimizer=muon", "hardware=gpu"])
+    assert gpu.hardware.micro_batch_tokens == 65536 and gpu.optimizer.warmup_steps == 1000
     assert cfg.objective.mask_rate == 0.2 and not cfg.objective.replace
     ref = typed(["experiment=reference", "data=local", "data.path=/x"])
     assert ref.train.batch_tokens == 524288 and ref.hardware.precision == "bf16"
