@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     fpt = summary["flops_per_token"]
     result = {
         "model": cfg.model.arch, "n_params": summary["n_params"], "device": summary["device"],
-        "attention": summary["attention"], "precision": cfg.hardware.precision, "compile": cfg.hardware.compile,
+        "attention": summary["attention"], "precision": cfg.hardware.precision, "fp8": cfg.hardware.fp8, "compile": cfg.hardware.compile,
         "compile_scope": cfg.hardware.compile_scope,
         "batch_tokens": batch, "micro_batch_tokens": summary["batch"]["micro_batch_tokens"],
         "grad_accum": summary["batch"]["grad_accum"], "world_size": summary["batch"]["world_size"],
