@@ -12,7 +12,6 @@ COMPLETE marker. Old checkpoints beyond `keep_last` are removed only after a new
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import time
@@ -21,11 +20,9 @@ from typing import Optional
 
 import torch
 
+from .rundir import CheckpointError, write_failure  # noqa: F401  (CheckpointError: re-exported)
+
 MARKER = "COMPLETE"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read. One line, naming the path and the fix."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,9 +72,10 @@ def save(root: Path, step: int, model: torch.nn.Module, state: dict, keep_last: 
         _fsync_dir(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        why, fix = write_failure(exc)
         raise CheckpointError(f"could not write checkpoint {final}: {why}; the previous checkpoint is intact "
-                              "- free space or fix permissions, then resume the run") from exc
+                              f"- {fix}, or choose another run directory (hydra.run.dir=...), then resume the "
+                              "run") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

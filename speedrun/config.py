@@ -163,6 +163,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0 = only the final checkpoint
     keep_last: int = 2
     final: bool = True
+    every_minutes: float = 0.0  # also save when this much wall time passed since the last checkpoint; 0 = off
 
 
 @dataclass
@@ -250,6 +251,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"objective.mask_rate_start={ob.mask_rate_start} must be in (0, 1)")
     if not 0.0 < e.mask_rate < 1.0:
         raise ConfigError(f"eval.mask_rate={e.mask_rate} must be in (0, 1)")
+    if e.probe_every > 0 and m.arch not in ("unet", "transformer"):  # speedrun.embed's layer-wise states
+        raise ConfigError(f"eval.probe_every={e.probe_every} needs per-layer embeddings, which model.arch={m.arch} "
+                          "does not provide (unet and transformer do): set eval.probe_every=0 or change model.arch")
     if d.max_length < 8:
         raise ConfigError(f"data.max_length={d.max_length} is too small: use at least 8 tokens")
     if h.micro_batch_tokens < d.max_length:
@@ -261,6 +265,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.max_steps={t.max_steps} must be >= 0")
     if t.window_start < 1:
         raise ConfigError(f"train.window_start={t.window_start} must be positive")
+    if not cfg.checkpoint.every_minutes >= 0:  # also rejects NaN
+        raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes} must be >= 0 (0 = off)")
     if d.name != "sample" and not d.path:
         raise ConfigError(f"data={d.name} needs a shard folder: pass data.path=DIR")
     return cfg
@@ -436,7 +442,7 @@ def check_overrides(args: list[str], conf_dir: str) -> Optional[str]:
 # ---- run identity: which settings make two runs "the same run" ----------------------------------
 NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_threads", "hardware.warmup_steps",
                 "hardware.compile", "hardware.compile_scope", "data.prefetch", "checkpoint.keep_last",
-                "checkpoint.every_steps", "checkpoint.final")
+                "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.final")
 
 
 def semantic_dict(cfg: RunConfig) -> dict:

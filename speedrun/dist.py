@@ -10,9 +10,12 @@ Precedence (STYLE.md §3.4):
 
 Device: `cuda:0` when the job sees one GPU (SLURM bound one GPU per task), else `cuda:LOCAL_RANK` —
 the fix for "invalid device ordinal" (STYLE.md §2.2 #12). Backend: NCCL on GPU, gloo on CPU.
+
+A spawned rank that raises surfaces in the parent as one-line `RankFailed` (its traceback in `.details`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -104,18 +107,71 @@ def init(device_pref: str, mode: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, mode=mode)
 
 
+class RankFailed(RuntimeError):
+    """A spawned rank failed. str() is one line (`rank R: Type: message`); `details` holds the rank's full
+    traceback, for a log file rather than the console."""
+
+    def __init__(self, msg: str, details: str = ""):
+        super().__init__(msg)
+        self.details = details
+
+
+_RANK_FAILED = f"{__name__}.RankFailed: "
+#: exit codes of a rank that stopped on a signal it handled (interrupted / preempted, checkpoint saved)
+_SIGNAL_EXITS = {128 + 2, 128 + 15, 128 + 12}  # SIGINT, SIGTERM, SIGUSR2
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def _spawned(local_rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SPEEDRUN_SPAWNED="1")
-    fn(*args)
+    try:
+        fn(*args)
+    except Exception as exc:  # torch sends the parent this traceback, whose last line is the one-line summary
+        raise RankFailed(f"rank {local_rank}: {one_line(exc)}") from exc
 
 
 def spawn(fn: Callable, nprocs: int, args: tuple) -> None:
-    """Run fn(*args) in `nprocs` fresh processes (start method spawn) with rank variables set."""
+    """Run fn(*args) in `nprocs` fresh processes (start method spawn) with rank variables set.
+
+    A rank that raises ends the others and raises RankFailed here: one line, the traceback in `.details`.
+    A rank that exited on a handled stop signal (interrupted / preempted) re-raises its SystemExit code."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
     port = free_port()
-    mp.start_processes(_spawned, args=(nprocs, port, fn, args), nprocs=nprocs, start_method="spawn", join=True)
+    quiet = logging.getLogger("torch.multiprocessing.spawn")  # its "Terminating process ..." warnings
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        mp.start_processes(_spawned, args=(nprocs, port, fn, args), nprocs=nprocs, start_method="spawn", join=True)
+    except ProcessRaisedException as exc:
+        text = str(exc.msg)
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        summary = next((ln[len(_RANK_FAILED):] for ln in reversed(lines) if ln.startswith(_RANK_FAILED)), None)
+        if summary is None:
+            summary = f"rank {exc.error_index}: {lines[-1].strip() if lines else 'failed'}"
+        raise RankFailed(summary, text.strip()) from None
+    except ProcessExitedException as exc:
+        if exc.signal_name is None and exc.exit_code in _SIGNAL_EXITS:
+            raise SystemExit(exc.exit_code) from None
+        how = f"was killed by {exc.signal_name}" if exc.signal_name else f"exited with code {exc.exit_code}"
+        raise RankFailed(f"rank {exc.error_index} {how}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """`obj` as rank `src` has it, on every rank (pickled; for small things such as a path)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=info.device if info.device.type == "cuda" else None)
+    return box[0]
 
 
 def cleanup() -> None:

@@ -2,8 +2,9 @@
 
     summary.json     status (running|done|failed|preempted|interrupted|dry_run), final metrics, unigram
                      baseline, n_params, tokens, wall/train seconds, tokens/s, time to target loss
-    metrics.jsonl    one JSON object per logged step (step, tokens, train_loss, lr, tokens_per_s, ...,
-                     and val_* when evaluated)
+    metrics.jsonl    one JSON object per step that logged anything (step, tokens, train_loss, lr,
+                     tokens_per_s, ..., val_* when evaluated at that step, probe/* when probed, test_*
+                     in the final row with eval.test=true); never two rows with the same step
     env.json         git commit + dirty flag, package versions, hardware, SLURM ids, launch mode
     code.diff        `git diff HEAD` at start when the tree is dirty
     rank0.log ...    text logs
@@ -11,9 +12,15 @@
 
 Secrets (HF_TOKEN, WANDB_API_KEY, ...) are read from the environment by the code that needs them and
 never written here: env.json records an allow-list of variables only.
+
+A write that fails for lack of space or permission (ENOSPC, EACCES, EROFS, ...) raises `RunDirWriteError`:
+one line naming the file and the fix, which launch.py (speedrun/task.py) prints instead of a traceback (a
+`CheckpointError`, the error checkpoint writes already raise for the same causes).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -24,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 _ENV_ALLOW = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_NNODES",
               "SLURM_NTASKS", "SLURM_JOB_PARTITION", "SLURM_RESTART_COUNT", "CUDA_VISIBLE_DEVICES",
@@ -43,19 +50,61 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read. One line, naming the path and the fix.
+    (Defined here, torch-free, so that run-directory write errors can share it; speedrun.checkpoint
+    re-exports it.)"""
+
+
+class RunDirWriteError(CheckpointError):
+    """A run-directory file (summary.json, metrics.jsonl, env.json, ...) could not be written: full disk or
+    no permission. One line naming the file and the fix."""
+
+
+def write_failure(exc: OSError) -> tuple[str, str]:
+    """(what went wrong, what to do) for an OSError of a write, in words."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full", "free space on that disk"
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only", "make it writable"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied", "make the directory writable"
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return text.splitlines()[0], "fix the disk or the directory"
+
+
+def _write_error(path: Path, exc: OSError) -> RunDirWriteError:
+    why, fix = write_failure(exc)
+    return RunDirWriteError(f"could not write {path}: {why} - {fix}, or choose another run directory "
+                            "(hydra.run.dir=...), then resume the run")
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename). A full disk or an unwritable directory raises
+    RunDirWriteError (one line) and leaves the previous file in place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(obj), f, indent=2, sort_keys=False)
             f.write("\n")
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from exc
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file; a full disk or an unwritable directory raises RunDirWriteError (one line)."""
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise _write_error(Path(path), exc) from exc
 
 
 def read_json(path: Path) -> dict:
@@ -67,10 +116,43 @@ def read_json(path: Path) -> dict:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; a no-op on ranks other than 0."""
+    """metrics.jsonl with one row per step; a no-op on ranks other than 0.
+
+    `write(row)` appends a row, or, when the last row on disk has the same step (the training metrics
+    of a step, then its evaluation, probes or final test metrics), rewrites that last line as the
+    union of both: each row is on disk as soon as it is written, and no step has two rows. A full disk
+    or an unwritable directory raises RunDirWriteError."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = Path(path), enabled
+        self._last: Optional[dict] = None  # the last row on disk, and the byte offset where its line starts
+        self._last_at = 0
+        if enabled:
+            self._find_last()
+
+    def _find_last(self) -> None:
+        self._last, self._last_at = None, 0
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+        end = len(data)
+        if data and not data.endswith(b"\n"):  # a torn last line (a crash mid-write): drop it
+            end = data.rfind(b"\n") + 1
+            try:
+                with open(self.path, "r+b") as f:
+                    f.truncate(end)
+            except OSError as exc:
+                raise _write_error(self.path, exc) from exc
+        start = data.rfind(b"\n", 0, max(end - 1, 0)) + 1 if end else 0
+        try:
+            row = json.loads(data[start:end])
+        except ValueError:
+            return
+        if isinstance(row, dict):
+            self._last, self._last_at = row, start
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint, so the file reads as one clean run."""
@@ -84,14 +166,30 @@ class MetricsLog:
             except ValueError:
                 continue
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise _write_error(self.path, exc) from exc
+        self._find_last()
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_clean(row)) + "\n")
+        merge = self._last is not None and row.get("step") is not None and self._last.get("step") == row["step"]
+        out = {**self._last, **row} if merge else row
+        line = (json.dumps(_clean(out)) + "\n").encode()
+        try:
+            with open(self.path, "ab") as f:
+                if merge:
+                    f.truncate(self._last_at)
+                start = f.seek(0, os.SEEK_END)
+                f.write(line)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+        self._last, self._last_at = out, start
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -160,7 +258,10 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
         log.removeHandler(h)
         h.close()
     fmt = logging.Formatter("[%(asctime)s][rank%(rank)s] %(message)s", "%H:%M:%S")
-    fh = logging.FileHandler(Path(run_dir) / f"rank{rank}.log")
+    try:
+        fh = logging.FileHandler(Path(run_dir) / f"rank{rank}.log")
+    except OSError as exc:
+        raise _write_error(Path(run_dir) / f"rank{rank}.log", exc) from exc
     fh.setFormatter(fmt)
     log.addHandler(fh)
     if rank == 0:

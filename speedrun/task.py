@@ -6,20 +6,24 @@ It also writes `reproduce.yaml`, a self-contained resolved config:
     python launch.py -cd RUN_DIR -cn reproduce                       # rerun from scratch, new directory
     python launch.py -cd RUN_DIR -cn reproduce hydra.run.dir=RUN_DIR # resume this run
 
-Known errors (bad config, missing or corrupt data, an unwritable checkpoint) end with one line on
-stderr and exit code 2 instead of a traceback.
+Known errors (bad config, an impossible batch, missing or corrupt data, an unwritable checkpoint, a
+failed spawned rank) end with one line on stderr and exit code 2 instead of a traceback. In a multirun a
+failed job is marked failed in its summary.json; under submitit the job then exits non-zero (SLURM marks
+it FAILED), while a local sweep goes on and launch.py exits non-zero at the end (see failure_action).
+Under torchrun all ranks share rank 0's run directory.
 """
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, from_container, to_dict
+from .config import ConfigError, batch_geometry, from_container, to_dict
 
 REPRODUCE_HEADER = """\
 # Self-contained, resolved config of this run.
@@ -47,35 +51,147 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def _fail(msg: str, multirun: bool, run_dir: Path | None = None) -> None:
-    """One line on stderr. A single run exits with code 2; in a multirun the job is marked failed in its
-    summary.json (so the sweep report shows why) and the sweep goes on with the other jobs."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+def _under_submitit(hc) -> bool:
+    """This Hydra job runs as a submitit job (SLURM, or submitit's local executor)."""
+    target = str(OmegaConf.select(hc, "launcher._target_", default="") or "")
+    return "submitit" in target or "SUBMITIT_FOLDER" in os.environ
+
+
+def _torchrun() -> bool:
+    """Started by torchrun (or another launcher that sets RANK/WORLD_SIZE): every rank composed Hydra itself
+    (speedrun.dist.detect_mode's first case)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "SPEEDRUN_SPAWNED" not in os.environ
+
+
+def failure_action(status: str | None, *, multirun: bool, submitit: bool) -> str:
+    """How this Hydra job ends, given the final status of its run.
+
+    ok        done, dry_run, or no status: return normally
+    requeue   preempted / interrupted: left alone -- the trainer's own SystemExit and submitit's USR2
+              handler decide (checkpoint, requeue, resume), exactly as without this function
+    exit      failed, single run: one line on stderr, exit code 2 at once
+    fail_job  failed in a multirun under submitit: after the failed summary, the job process exits non-zero
+              so SLURM (or submitit's local executor) marks the job FAILED, not COMPLETED
+    record    failed in a local (basic launcher) multirun: the sweep goes on with the other jobs, and
+              launch.py exits non-zero at the end, listing the failed job directories
+    """
+    if status in ("preempted", "interrupted"):
+        return "requeue"
+    if status != "failed":
+        return "ok"
     if not multirun:
+        return "exit"
+    return "fail_job" if submitit else "record"
+
+
+_FAILED_RUNS: list[str] = []
+
+
+def failed_runs() -> list[str]:
+    """Run directories of the jobs of this process's local multirun that failed (for launch.py)."""
+    return list(_FAILED_RUNS)
+
+
+def _fail(msg: str, multirun: bool, run_dir: Path | None = None, submitit: bool = False) -> None:
+    """One line on stderr. A single run exits with code 2. In a multirun the job is marked failed in its
+    summary.json (so the sweep report shows why); then, per failure_action, a submitit job exits non-zero
+    (the scheduler sees the failure) and a local sweep goes on with the other jobs."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    action = failure_action("failed", multirun=multirun, submitit=submitit)
+    if action == "exit":
+        _cleanup_dist()
         sys.exit(2)
     if run_dir is not None and _global_rank() == 0:
-        from .rundir import read_json, write_json
+        from .rundir import CheckpointError, read_json, write_json
 
         path = run_dir / "summary.json"
-        summary = read_json(path)
-        if summary.get("status") != "failed":
-            summary.update(status="failed", reason=msg)
-            write_json(path, summary)
+        try:
+            summary = read_json(path)
+            if summary.get("status") != "failed":
+                summary.update(status="failed", reason=msg)
+                write_json(path, summary)
+        except (OSError, CheckpointError) as exc:  # a full or unwritable disk (RunDirWriteError)
+            print(f"error: could not mark {path} failed: {exc}", file=sys.stderr, flush=True)
+    if action == "fail_job":
+        # SystemExit passes through Hydra's run_job (which catches Exception and would report the job as
+        # completed) and through submitit's job runner: the process, hence the job, exits with code 2.
+        _cleanup_dist()
+        raise SystemExit(2)
+    if run_dir is not None and str(run_dir) not in _FAILED_RUNS:
+        _FAILED_RUNS.append(str(run_dir))
     return None
+
+
+def _cleanup_dist() -> None:
+    if "torch.distributed" in sys.modules:
+        from .dist import cleanup
+
+        cleanup()
+
+
+def _world_size(typed, hc) -> int:
+    """Total ranks of this run: torchrun's WORLD_SIZE, else hardware.gpus x nodes (SLURM's node count
+    inside a submitit job, hydra.launcher.nodes otherwise, 1 locally)."""
+    if _torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    nodes = os.environ.get("SLURM_NNODES") if _under_submitit(hc) else None
+    nodes = nodes or OmegaConf.select(hc, "launcher.nodes", default=None) or 1
+    return typed.hardware.gpus * int(nodes)
+
+
+def _share_run_dir(typed, run_dir: Path, hc) -> Path:
+    """Under torchrun every rank composed Hydra itself, each with its own timestamped run directory. Bring
+    up the process group, take rank 0's directory on every rank, and remove the one Hydra made for this
+    rank if it holds nothing but what Hydra wrote there (.hydra/*.yaml and the job log)."""
+    from . import dist as D
+
+    info = D.init(typed.hardware.device, "torchrun")
+    shared = Path(D.broadcast_object(str(run_dir.resolve()), info))
+    mine = run_dir.resolve()
+    if info.rank == 0 or shared == mine:
+        return run_dir
+    sub = hc.output_subdir
+    hydra_files = {f"{hc.job.name}.log"}
+    if sub:
+        hydra_files |= {str(sub), *(f"{sub}/{n}" for n in ("config.yaml", "hydra.yaml", "overrides.yaml"))}
+    ours = {p.relative_to(mine).as_posix() for p in mine.rglob("*")} <= hydra_files
+    if ours:
+        import logging
+        import shutil
+
+        loggers = [logging.getLogger(), *(lg for lg in list(logging.root.manager.loggerDict.values())
+                                          if isinstance(lg, logging.Logger))]
+        for logger in loggers:  # Hydra's job log file handler, open on the directory about to go
+            for h in list(logger.handlers):
+                if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve().is_relative_to(mine):
+                    logger.removeHandler(h)
+                    h.close()
+        if Path.cwd().resolve().is_relative_to(mine):  # hydra.job.chdir=true
+            os.chdir(shared)
+        shutil.rmtree(mine, ignore_errors=True)
+    return shared
 
 
 def run_task(cfg: DictConfig):
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    submitit = multirun and _under_submitit(hc)
     run_dir = Path(hc.runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         typed = from_container(cfg)
     except ConfigError as exc:
-        return _fail(str(exc), multirun, run_dir)
+        return _fail(str(exc), multirun, run_dir, submitit)
+    if _torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        run_dir = _share_run_dir(typed, run_dir, hc)
+    try:  # an impossible batch stops here, before any rank is spawned or any data is read
+        batch_geometry(typed, _world_size(typed, hc))
+    except ConfigError as exc:
+        return _fail(str(exc), multirun, run_dir, submitit)
 
     from .checkpoint import CheckpointError
     from .data.shards import DataError
+    from .dist import RankFailed, one_line
     from .probe import ProbeError
     from .probe_tasks import ProbeDataError
     from .train import RunFailed, run
@@ -84,8 +200,18 @@ def run_task(cfg: DictConfig):
         write_reproduce(run_dir, to_dict(typed))
     try:
         summary = run(typed, run_dir)
+    except RankFailed as exc:  # a spawned rank: one line here, its traceback in the run directory's log
+        log = run_dir / f"{hc.job.name}.log"  # Hydra's job log (launch.log)
+        with open(log, "a") as f:
+            f.write(f"{exc}\n{exc.details}\n")
+        return _fail(f"{exc} (traceback in {log})", multirun, run_dir, submitit)
     except (ConfigError, DataError, CheckpointError, RunFailed, ProbeError, ProbeDataError) as exc:
-        return _fail(str(exc), multirun, run_dir)
+        return _fail(str(exc), multirun, run_dir, submitit)
+    except Exception as exc:  # unexpected: a single run reports it as Hydra does; a sweep job must fail visibly
+        if not multirun:
+            raise
+        traceback.print_exc()
+        return _fail(one_line(exc), multirun, run_dir, submitit)
     if summary and _global_rank() == 0:
         print(f"run directory: {run_dir}")
         keys = ("status", "val_loss", "val_loss_stderr", "unigram_loss", "val_ppl", "val_accuracy", "tokens_per_s",

@@ -42,7 +42,7 @@ from .model import ProteinLM, estimate_memory_gib, flops_per_token
 from .objectives import (apply_objective, dense_loss, diffusion_fraction, generator_for, mask_rate_at,
                          mask_tokens, masked_loss)
 from .optim import apply_schedules, build_optimizers
-from .rundir import MetricsLog, environment, read_json, setup_logging, write_json
+from .rundir import MetricsLog, RunDirWriteError, environment, read_json, setup_logging, write_json, write_text
 from .tracking import Tracker
 
 def _process_start() -> float:
@@ -221,7 +221,11 @@ def _rank_main(cfg: RunConfig, run_dir: str, mode: str) -> dict:
 
 def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     # ============================================ SETUP ============================================
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirWriteError(f"cannot create the run directory {run_dir}: {exc.strerror or exc} - choose another "
+                               "run directory (hydra.run.dir=...)") from exc
     log = setup_logging(run_dir, info.rank)
     log.info(f"rank {info.rank}/{info.world_size} on {info.device} ({info.mode}), host {os.uname().nodename}, "
              f"pid {os.getpid()}")
@@ -337,7 +341,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
             env = old
         write_json(run_dir / "env.json", env)
         if diff.strip() and not (run_dir / "code.diff").exists():
-            (run_dir / "code.diff").write_text(diff)
+            write_text(run_dir / "code.diff", diff)
 
     probes_on = cfg.eval.probe_every > 0
     if probes_on and main:  # representation probes during training: fail now, not at the first probe
@@ -345,15 +349,27 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
 
         check_eval_config(cfg.eval, load=True)
 
+    def fail_early(reason: str):
+        """Before the loop (dry-run probe, compile warm-up): status failed in summary.json, RunFailed."""
+        if main:
+            write_json(summary_path, {"status": "failed", "reason": reason, "step": step, **desc})
+        raise RunFailed(reason) from None
+
     # ============================================ DRY RUN ==========================================
     if cfg.dry_run:
         summary = {"status": "dry_run", "n_params": n_params, **desc,
                    "optimizers": [[g.get("name", g.get("kind")) for g in o.param_groups] for o in optimizers]}
-        if device.type == "cuda":  # measure one training step's peak memory so a config can be checked
-            summary["peak_memory_gib"] = _probe_step_memory(cfg, model, optimizers, stream, device, dtype)
+        try:  # on CUDA: one training step's peak memory, so that a config can be checked
+            peak = _probe_step_memory(cfg, model, optimizers, stream, device, dtype)
+        except torch.OutOfMemoryError:
+            fail_early(_oom_reason(T, device, "measuring one training step (dry run)"))
+        if peak is not None:
+            summary["peak_memory_gib"] = peak
         if main:
             write_json(summary_path, summary)
-            log.info(f"dry run: {n_params:,} parameters; batch {geo}; nothing trained")
+            mem = (f"; one training step peaks at {peak:.1f} GiB (eager; compiled runs use a little less)"
+                   if peak is not None else "")
+            log.info(f"dry run: {n_params:,} parameters; batch {geo}{mem}; nothing trained")
         return summary
 
     # ======================================= COMPILE WARM-UP =======================================
@@ -383,15 +399,19 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                  [copy.deepcopy(o.state_dict()) for o in optimizers])
         warm = Stream(train_files, T, cfg.data.max_length, cfg.data.seed + 9973, info.rank, info.world_size)
-        for i in range(cfg.hardware.warmup_steps):
-            tok, did = warm.next_batch()
-            t = torch.from_numpy(tok).to(device)
-            d = torch.from_numpy(did).to(device)
-            micro_step(t, d, step, generator_for(device, 1, i), sync=True)
-            apply_schedules(optimizers, cfg.optimizer, step, cfg.train.max_steps)
-            for o in optimizers:
-                o.step()
-            model.zero_grad(set_to_none=True)
+        try:
+            for i in range(cfg.hardware.warmup_steps):
+                tok, did = warm.next_batch()
+                t = torch.from_numpy(tok).to(device)
+                d = torch.from_numpy(did).to(device)
+                micro_step(t, d, step, generator_for(device, 1, i), sync=True)
+                apply_schedules(optimizers, cfg.optimizer, step, cfg.train.max_steps)
+                for o in optimizers:
+                    o.step()
+                model.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            saved = None
+            fail_early(_oom_reason(T, device, "in the compile warm-up (hardware.warmup_steps)"))
         model.load_state_dict(saved[0])
         for o, sd in zip(optimizers, saved[1]):
             o.load_state_dict(sd)
@@ -400,15 +420,15 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     compile_seconds = time.time() - t_warm
 
     # ============================================= LOOP ============================================
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)  # one row per step (rundir.MetricsLog)
     if resume_from is not None:
         metrics.truncate_after(step)
+    if main:  # before the loader thread and the signal handlers: a full disk here leaves nothing behind
+        write_json(summary_path, {"status": "running", "n_params": n_params, "step": step, **desc})
     loader = Prefetcher(stream, device, depth=cfg.data.prefetch)
     signals = Signals()
     signals.install()
     clock = Clock(device, train_seconds_before)
-    if main:
-        write_json(summary_path, {"status": "running", "n_params": n_params, "step": step, **desc})
     tracker = Tracker(cfg, run_dir, is_main=main)  # W&B (when on) + console progress
     tracker.start(total_steps=cfg.train.max_steps, start_step=step, info=desc)
     status, reason = "done", None
@@ -422,6 +442,9 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     last_sync: Optional[float] = None
     loader_wait = 0.0
     cursor = stream.state_dict()
+    # checkpoint.every_minutes: wall time since the last checkpoint (or the start of this loop)
+    ckpt_every_s = 60.0 * cfg.checkpoint.every_minutes
+    last_ckpt_wall, last_ckpt_step = time.time(), step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -431,15 +454,19 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         last_sync = None
         es = evalset if files is None else EvalSet.build(files, eval_T, cfg.data.max_length, cfg.eval.max_tokens,
                                                          cfg.eval.seed, rows=rows)
-        out = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
-                       mask_rate=cfg.eval.mask_rate, rank=info.rank,
-                       world_size=info.world_size, prefix=prefix)
-        if cfg.objective.name != "mlm":  # masked diffusion: also the loss at fixed masking levels
-            for level in cfg.objective.eval_levels:
-                lv = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
-                              mask_rate=level, rank=info.rank, world_size=info.world_size, prefix=prefix,
-                              loss_only=True)
-                out[f"{prefix}_loss_t{round(level * 100):02d}"] = lv[f"{prefix}_loss"]
+        try:
+            out = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
+                           mask_rate=cfg.eval.mask_rate, rank=info.rank,
+                           world_size=info.world_size, prefix=prefix)
+            if cfg.objective.name != "mlm":  # masked diffusion: also the loss at fixed masking levels
+                for level in cfg.objective.eval_levels:
+                    lv = evaluate(model, es, device=device, window=window_at(cfg, step), dtype=dtype,
+                                  mask_rate=level, rank=info.rank, world_size=info.world_size, prefix=prefix,
+                                  loss_only=True)
+                    out[f"{prefix}_loss_t{round(level * 100):02d}"] = lv[f"{prefix}_loss"]
+        except torch.OutOfMemoryError:
+            raise StopRun("failed", _oom_reason(T, device, f"in evaluation ({prefix}) at step {step}",
+                                                eval_T=eval_T)) from None
         return out
 
     def probe_now() -> dict:
@@ -463,7 +490,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         return res
 
     def save_checkpoint() -> None:
-        nonlocal last_sync
+        nonlocal last_sync, last_ckpt_wall, last_ckpt_step
         clock.pause()
         last_sync = None
         data_states = _gather_objects(cursor, info)
@@ -476,14 +503,21 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
             path = ckpt.save(ckpt_root, step, model, state, keep_last=cfg.checkpoint.keep_last)
             log.info(f"checkpoint {path}")
         D.barrier(info)
+        last_ckpt_wall, last_ckpt_step = time.time(), step
 
     try:
         while step < cfg.train.max_steps:
-            # ---- signals and limits, agreed by all ranks at the step boundary ----
+            # ---- signals, limits and the checkpoint timer, agreed by all ranks at the step boundary ----
             stop = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}[signals.flag]
             if cfg.train.max_minutes > 0 and clock.seconds > 60 * cfg.train.max_minutes:
                 stop = max(stop, 3.0)
-            stop = D.all_reduce_max(stop, info) if info.distributed else stop
+            # checkpoint.every_minutes rides on the same all-reduce: code = 2 * stop + timer. The max gives
+            # every rank the same code; with no stop anywhere its low bit is "the timer fired on some rank"
+            timer = float(ckpt_every_s > 0 and step > last_ckpt_step and bad_streak == 0
+                          and time.time() - last_ckpt_wall >= ckpt_every_s)
+            code = 2.0 * stop + timer
+            code = D.all_reduce_max(code, info) if info.distributed else code
+            stop, timer = float(code // 2), code % 2
             if stop:
                 kind = {1.0: "interrupted", 2.0: "preempted", 3.0: "time_limit"}[stop]
                 if kind == "time_limit":
@@ -491,6 +525,9 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                     break
                 save_checkpoint()
                 raise StopRun(kind, f"received {signals.name or 'a stop signal'} at step {step}; checkpoint saved")
+            if timer:
+                log.info(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes:g} passed: checkpoint at step {step}")
+                save_checkpoint()
 
             # ---- schedules for this step ----
             window = window_at(cfg, step)
@@ -524,9 +561,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                     for opt in optimizers:
                         opt.step()
             except torch.OutOfMemoryError:
-                raise StopRun("failed", f"out of memory at hardware.micro_batch_tokens={T} on {device}: lower it "
-                                        f"(e.g. hardware.micro_batch_tokens={T // 2}; gradient accumulation keeps "
-                                        f"train.batch_tokens) or use a smaller model") from None
+                raise StopRun("failed", _oom_reason(T, device)) from None
             model.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += geo["batch_tokens"]
@@ -606,16 +641,39 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
             last_probe = probe_now()
         if cfg.eval.test:
             test_files = data_files(cfg.data, "test")
-            last_val.update(evaluate_now("test", test_files))
+            test_metrics = evaluate_now("test", test_files)
+            last_val.update(test_metrics)
+            test_row = {"step": step, **test_metrics}
+            metrics.write(test_row)  # merged into this step's row
+            tracker.log(test_row)
         if cfg.checkpoint.final:
             save_checkpoint()
+        # A stop signal that arrived during the final evaluation or checkpoint is read only here (the flag is
+        # otherwise read at step boundaries, and there are none left). Training is finished either way, so:
+        #   - the final checkpoint was written completely (save_checkpoint() returned; the handler only sets
+        #     a flag, so a signal cannot cut the write short): the run is complete and resumable -> "done",
+        #     exit 0, with the signal named in the summary's reason (SIGUSR2 does not requeue a finished run);
+        #   - no final checkpoint (checkpoint.final=false): nothing proves the end state -> "interrupted" /
+        #     "preempted" with the usual non-zero exit, as for a signal during training.
+        late = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}[signals.flag]
+        late = D.all_reduce_max(late, info) if info.distributed else late
+        if late:
+            who = signals.name or "a stop signal"
+            if cfg.checkpoint.final:
+                reason = (f"received {who} after training finished (step {step}); the final evaluation and "
+                          "checkpoint completed")
+                log.warning(reason)
+            else:
+                raise StopRun({1.0: "interrupted", 2.0: "preempted"}[late],
+                              f"received {who} during the final evaluation (step {step}, training finished); "
+                              "no final checkpoint was written (checkpoint.final=false)")
     except StopRun as stop_exc:
         status, reason = stop_exc.status, stop_exc.reason
     except BaseException as exc:
         status, reason = ("interrupted", "KeyboardInterrupt") if isinstance(exc, KeyboardInterrupt) else \
             ("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         if main:
-            with contextlib.suppress(OSError):  # a full disk must not hide the original error
+            with contextlib.suppress(OSError, RunDirWriteError):  # a full disk must not hide the original error
                 tracker.summary(_write_summary(summary_path, status, reason, cfg, desc, step, tokens_seen, clock,
                                                {**last_val, **last_probe}, best_val, target_hit, time_to_first_step,
                                                compile_seconds, device, skipped_steps, step_times, loader_wait,
@@ -632,6 +690,9 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                                  skipped_steps, step_times, loader_wait,
                                  wall_before + time.time() - run_start) if main else {}
         tracker.summary(summary)
+    except BaseException:  # e.g. summary.json on a full disk (RunDirWriteError: one line)
+        status = "failed"
+        raise
     finally:
         tracker.finish(status)
     if main:
@@ -679,6 +740,18 @@ def _check_target(cfg, val: dict, hit, step, tokens, seconds):
 def _val_line(step: int, v: dict) -> str:
     return (f"step {step} | val_loss {v['val_loss']:.4f} | ppl {v['val_ppl']:.3f} | acc {v['val_accuracy']:.4f} | "
             f"f1 {v['val_f1']:.4f} | mcc {v['val_mcc']:.4f} | unigram {v['val_unigram_loss']:.4f}")
+
+
+def _oom_reason(T: int, device, where: str = "", eval_T: Optional[int] = None) -> str:
+    """One line for torch.OutOfMemoryError: where it happened and which setting to lower."""
+    at = f" {where}" if where else ""
+    if eval_T is not None:
+        return (f"out of memory{at} at eval.batch_tokens={eval_T} (hardware.micro_batch_tokens={T}) on {device}: "
+                f"lower eval.batch_tokens (e.g. eval.batch_tokens={eval_T // 2}; it defaults to "
+                "hardware.micro_batch_tokens) or use a smaller model")
+    return (f"out of memory{at} at hardware.micro_batch_tokens={T} on {device}: lower it "
+            f"(e.g. hardware.micro_batch_tokens={T // 2}; gradient accumulation keeps train.batch_tokens) "
+            "or use a smaller model")
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -734,8 +807,11 @@ def _write_summary(path, status, reason, cfg, desc, step, tokens, clock, val, be
     return summary
 
 
-def _probe_step_memory(cfg, model, optimizers, stream, device, dtype) -> float:
-    """Peak GPU memory (GiB) of one forward/backward/optimizer step, with state restored afterwards."""
+def _probe_step_memory(cfg, model, optimizers, stream, device, dtype) -> Optional[float]:
+    """Peak GPU memory (GiB) of one forward/backward/optimizer step, with state restored afterwards;
+    None off CUDA (no peak-memory counter)."""
+    if device.type != "cuda":
+        return None
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
              [copy.deepcopy(o.state_dict()) for o in optimizers])
     probe = type(stream)(stream.shards.files, stream.T, stream.max_length, stream.seed + 7, stream.rank, stream.world)

@@ -53,3 +53,18 @@ def test_missing_data_is_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0] and "data.path" in lines[0]
+
+
+def test_help_hides_helper_groups_and_lists_the_launchers():
+    r = _launch("--help", timeout=60)
+    assert r.returncode == 0, r.stderr
+    groups = r.stdout.split("Config groups", 1)[1].split("Canonical commands", 1)[0]
+    assert "diffusion_schedule:" not in groups  # an overlay only sweep files select (sweeps/diffusion_schedule/)
+    assert "sweep: diffusion_schedules" in groups and "model:" in groups and "hardware:" in groups
+    presets = sorted(p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml"))
+    assert {"slurm_debug", "slurm_8gpu"} <= set(presets)
+    lines = r.stdout.splitlines()
+    for name in [*presets, "submitit_slurm", "submitit_local"]:  # each with one line on when to use it
+        (line,) = [ln for ln in lines if ln.split()[:1] == [name]]
+        assert len(line.split()) > 4, line
+    assert "hydra/launcher=" in r.stdout

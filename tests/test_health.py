@@ -133,3 +133,147 @@ def test_sigterm_saves_and_exits_non_zero(tiny_cfg, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
     assert ckpt.latest(tmp_path / "checkpoints") is not None
+
+
+def _oom(*a, **k):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def _failed_summary(d):
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    return summary
+
+
+def test_out_of_memory_in_the_compile_warmup_fails_cleanly(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "dense_loss", _oom)
+    with pytest.raises(RunFailed) as err:
+        run(tiny_cfg("train.max_steps=3", "hardware.warmup_steps=1"), tmp_path)
+    msg = str(err.value)
+    assert "warm-up" in msg and "hardware.micro_batch_tokens=1024" in msg and "hardware.micro_batch_tokens=512" in msg
+    assert "\n" not in msg and _failed_summary(tmp_path)["reason"] == msg
+
+
+def test_out_of_memory_in_the_dry_run_probe_fails_cleanly(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "_probe_step_memory", _oom)  # the probe (CUDA only) runs out of memory
+    with pytest.raises(RunFailed) as err:
+        run(tiny_cfg("dry_run=true"), tmp_path)
+    msg = str(err.value)
+    assert "dry run" in msg and "hardware.micro_batch_tokens=512" in msg and "\n" not in msg
+    assert _failed_summary(tmp_path)["reason"] == msg
+
+
+def test_out_of_memory_in_evaluation_names_eval_batch_tokens(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "evaluate", _oom)
+    with pytest.raises(RunFailed) as err:
+        run(tiny_cfg("train.max_steps=2", "eval.batch_tokens=2048"), tmp_path)
+    msg = str(err.value)
+    assert "evaluation" in msg and "eval.batch_tokens=2048" in msg and "eval.batch_tokens=1024" in msg
+    assert "hardware.micro_batch_tokens=1024" in msg and "\n" not in msg
+    summary = _failed_summary(tmp_path)
+    assert summary["reason"] == msg and summary["step"] == 2
+
+
+@pytest.mark.parametrize("err_no,words", [(errno.ENOSPC, "disk is full"), (errno.EACCES, "permission denied")])
+def test_metrics_write_on_a_full_or_unwritable_disk_stops_with_one_line(tiny_cfg, tmp_path, monkeypatch, err_no,
+                                                                         words):
+    import builtins
+
+    from speedrun import rundir
+
+    calls = {"n": 0}
+
+    def fake_open(file, mode="r", *a, **k):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                exc = PermissionError if err_no == errno.EACCES else OSError
+                raise exc(err_no, os.strerror(err_no))
+        return builtins.open(file, mode, *a, **k)
+
+    monkeypatch.setattr(rundir, "open", fake_open, raising=False)
+    with pytest.raises(rundir.RunDirWriteError) as err:
+        run(tiny_cfg("train.max_steps=6"), tmp_path)
+    msg = str(err.value)
+    assert isinstance(err.value, ckpt.CheckpointError)  # what launch.py prints as one line (speedrun/task.py)
+    assert str(tmp_path / "metrics.jsonl") in msg and words in msg and "hydra.run.dir" in msg and "\n" not in msg
+    summary = _failed_summary(tmp_path)
+    assert "metrics.jsonl" in summary["reason"] and summary["step"] == 3
+
+
+@pytest.mark.parametrize("err_no,words", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only")])
+def test_summary_write_on_a_full_or_read_only_disk_stops_with_one_line(tiny_cfg, tmp_path, monkeypatch, err_no,
+                                                                        words):
+    import tempfile
+
+    from speedrun import rundir
+
+    real = tempfile.mkstemp
+    calls = {"n": 0}
+
+    def mkstemp(*a, prefix=None, **k):
+        if prefix and prefix.startswith(".summary.json."):
+            calls["n"] += 1
+            if calls["n"] >= 2:  # the first is the "running" summary; the final one fails
+                raise OSError(err_no, os.strerror(err_no))
+        return real(*a, prefix=prefix, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(rundir.RunDirWriteError) as err:
+        run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "summary.json") in msg and words in msg and "hydra.run.dir" in msg and "\n" not in msg
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "running"  # the old file is intact
+    assert not list(tmp_path.glob(".summary.json.*"))
+
+
+def _signal_during_final_eval(monkeypatch):
+    real = T.evaluate
+
+    def evaluate(*a, **k):
+        out = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag: evaluation and the rest go on
+        return out
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+
+
+def test_stop_signal_during_final_evaluation_without_final_checkpoint_is_interrupted(tiny_cfg, tmp_path, monkeypatch):
+    _signal_during_final_eval(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path)
+    assert exc.value.code == 128 + signal.SIGTERM
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
+    assert summary["step"] == 2 and summary["val_loss"] is not None
+
+
+def test_stop_signal_during_final_evaluation_with_final_checkpoint_is_done(tiny_cfg, tmp_path, monkeypatch):
+    _signal_during_final_eval(monkeypatch)
+    summary = run(tiny_cfg("train.max_steps=2"), tmp_path)  # no SystemExit: the run is complete
+    assert summary["status"] == "done" and "SIGTERM" in summary["reason"]
+    assert json.loads((tmp_path / "summary.json").read_text())["reason"] == summary["reason"]
+    assert ckpt.latest(tmp_path / "checkpoints").name == "step-000002"
+
+
+def test_host_memory_error_in_the_loader_names_what_to_lower(tiny_cfg, tmp_path, monkeypatch):
+    from speedrun.data import loader
+    from speedrun.data.shards import DataError
+
+    real = loader.TrainStream.next_batch
+    calls = {"n": 0}
+
+    def next_batch(self):
+        if threading.current_thread().name == "speedrun-loader":
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                raise MemoryError("cannot allocate buffer")
+        return real(self)
+
+    monkeypatch.setattr(loader.TrainStream, "next_batch", next_batch)
+    with pytest.raises(DataError) as err:
+        run(tiny_cfg("train.max_steps=20", "data.prefetch=1"), tmp_path)
+    msg = str(err.value)
+    assert "MemoryError" in msg and ".bin" in msg and "\n" not in msg
+    assert "hardware.micro_batch_tokens (now 1024)" in msg and "data.prefetch (now 1)" in msg
+    assert _failed_summary(tmp_path)["reason"].startswith("DataError")

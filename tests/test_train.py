@@ -45,6 +45,7 @@ def test_few_steps_lower_the_loss_and_fill_the_run_dir(tiny_cfg, tmp_path, monke
     rows = _rows(tmp_path)
     assert all({"step", "tokens", "train_loss", "lr_mult", "tokens_per_s"} <= r.keys() for r in rows if "train_loss" in r)
     assert [r["step"] for r in rows if "val_loss" in r] == [15, 30]
+    assert len({r["step"] for r in rows}) == len(rows)  # one row per step
     assert (tmp_path / "env.json").exists() and (tmp_path / "rank0.log").exists()
     done = ckpt.complete_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in done] == ["step-000020", "step-000030"]  # keep_last=2
@@ -166,11 +167,16 @@ def test_ctrl_c_saves_and_resume_continues(tiny_cfg, tmp_path):
     assert _losses(run_dir) == _losses(ref)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("objective", ["diffusion", "mlm_to_diffusion"])
-def test_diffusion_objectives_lower_their_loss(tiny_cfg, tmp_path, objective):
+def test_diffusion_objectives_lower_their_loss(tiny_cfg, tmp_path, objective, tied):
     extra = ["objective.warmup_steps=10", "objective.ramp_steps=10"] if objective == "mlm_to_diffusion" else []
     summary = run(tiny_cfg(f"objective={objective}", "train.max_steps=40", "eval.every_steps=4",
-                           "checkpoint.final=false", *extra), tmp_path)
+                           "checkpoint.final=false", f"model.tie_embeddings={str(tied).lower()}", *extra), tmp_path)
+    if tied:  # the head's decoder is the embedding matrix: one tensor, trained through both uses
+        from speedrun.model import ProteinLM
+        m = ProteinLM(tiny_cfg("model.tie_embeddings=true").model)
+        assert summary["n_params"] == m.num_params() < ProteinLM(tiny_cfg().model).num_params()
     # the 1/t-weighted training loss is noisy on tiny batches: judge progress on the fixed validation set
     vals = [r for r in _rows(tmp_path) if "val_loss" in r]
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.1
@@ -217,3 +223,82 @@ def test_probes_run_during_training(tiny_cfg, tmp_path):
     probe_rows = [r for r in _rows(tmp_path) if "probe/score" in r]
     assert [r["step"] for r in probe_rows] == [2, 4]  # at the interval, and once at the end
     assert 0 < summary["probe/score"] <= 1 and "probe/ss3/test_acc" in summary and "probe/meltome/test_spearman" in summary
+
+
+def test_metrics_have_one_row_per_step_with_train_val_and_test(tiny_cfg, tmp_path):
+    """An evaluation at a log step lands in that step's row; an evaluation between log steps gets its own
+    row; the final row also holds the test metrics (eval.test=true)."""
+    summary = run(tiny_cfg("train.max_steps=6", "train.log_every=2", "eval.every_steps=3", "eval.test=true",
+                           "checkpoint.final=false"), tmp_path)
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    by_step = {r["step"]: r for r in rows}
+    assert "val_loss" in by_step[3] and "train_loss" not in by_step[3]
+    assert "train_loss" in by_step[4] and "val_loss" not in by_step[4]
+    last = by_step[6]
+    assert {"train_loss", "tokens_per_s", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= last.keys()
+    assert last["val_loss"] == pytest.approx(summary["val_loss"]) and last["test_loss"] == pytest.approx(summary["test_loss"])
+
+
+def test_metrics_log_merges_a_step_across_restarts_and_drops_a_torn_line(tmp_path):
+    from speedrun.rundir import MetricsLog, read_metrics
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, enabled=True)
+    log.write({"step": 1, "train_loss": 3.0})
+    log.write({"step": 2, "train_loss": 2.5})
+    log.write({"step": 2, "val_loss": 2.7})
+    assert read_metrics(path) == [{"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 2.5, "val_loss": 2.7}]
+    with open(path, "a") as f:
+        f.write('{"step": 3, "train_lo')  # a crash mid-write
+    again = MetricsLog(path, enabled=True)  # e.g. a resumed run
+    again.write({"step": 2, "test_loss": 2.8})
+    assert read_metrics(path) == [{"step": 1, "train_loss": 3.0},
+                                  {"step": 2, "train_loss": 2.5, "val_loss": 2.7, "test_loss": 2.8}]
+    again.truncate_after(1)
+    again.write({"step": 1, "val_loss": 3.1})
+    assert read_metrics(path) == [{"step": 1, "train_loss": 3.0, "val_loss": 3.1}]
+    MetricsLog(tmp_path / "other.jsonl", enabled=False).write({"step": 1})
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+@pytest.mark.parametrize("minutes", [1e-6, 0.0])
+def test_checkpoint_every_minutes(tiny_cfg, tmp_path, minutes):
+    summary = run(tiny_cfg("train.max_steps=4", f"checkpoint.every_minutes={minutes}", "checkpoint.keep_last=0"),
+                  tmp_path)
+    assert summary["status"] == "done"
+    steps = [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")]
+    if minutes:  # due at every step boundary (never at step 0, nothing trained yet), then the final one
+        assert steps == ["step-000001", "step-000002", "step-000003", "step-000004"]
+    else:
+        assert steps == ["step-000004"]
+
+
+def test_checkpoint_every_minutes_must_not_be_negative(tiny_cfg):
+    from speedrun.config import ConfigError
+    with pytest.raises(ConfigError, match="checkpoint.every_minutes=-1.0 must be >= 0"):
+        tiny_cfg("checkpoint.every_minutes=-1")
+
+
+def test_grad_clip_clips_the_global_gradient_norm(tiny_cfg, tmp_path, monkeypatch):
+    """optimizer.grad_clip>0: after clipping the global gradient norm is at most grad_clip; the logged
+    grad_norm is the norm before clipping. grad_clip=0 leaves gradients alone."""
+    import speedrun.train as T
+    real = T._clip_grad_norm
+    seen = []
+
+    def spy(model, max_norm):
+        norm = real(model, max_norm)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        after = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        seen.append((max_norm, float(norm), after))
+        return norm
+
+    monkeypatch.setattr(T, "_clip_grad_norm", spy)
+    run(tiny_cfg("train.max_steps=3", "optimizer.grad_clip=0.05", "checkpoint.final=false"), tmp_path / "clip")
+    assert len(seen) == 3 and all(c == 0.05 for c, _, _ in seen)
+    assert all(before > 0.05 and after <= 0.05 * 1.001 for _, before, after in seen)
+    logged = [r["grad_norm"] for r in _rows(tmp_path / "clip") if "grad_norm" in r]
+    assert logged == pytest.approx([before for _, before, _ in seen])
+    seen.clear()
+    run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path / "noclip")
+    assert all(c == 0 and after == pytest.approx(before, rel=1e-5) for c, before, after in seen)

@@ -28,7 +28,8 @@ k mod world. Built once per run.
 
 `Prefetcher` prepares batches in a background thread and, on CUDA, pins them and copies them to the
 device on a side stream from that thread, so the training loop only waits on an event. A failure in
-the thread surfaces as one `DataError` naming the shard being read, never a hang.
+the thread surfaces as one `DataError` naming the shard being read, never a hang (a host
+MemoryError also names what to lower: hardware.micro_batch_tokens or data.prefetch).
 """
 from __future__ import annotations
 
@@ -420,7 +421,8 @@ class Prefetcher:
         self.cuda = self.device.type == "cuda"
         if self.cuda and self.device.index is None:  # 'cuda' means the current device of the caller
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.depth = max(1, depth)
+        self.q: queue.Queue = queue.Queue(maxsize=self.depth)
         self._stop = threading.Event()
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._thread = threading.Thread(target=self._work, name="speedrun-loader", daemon=True)
@@ -455,8 +457,12 @@ class Prefetcher:
         except BaseException as exc:  # surfaced by next(), naming the shard
             if not isinstance(exc, DataError):
                 where = getattr(self.stream, "current_file", lambda: None)()
+                hint = ""
+                if isinstance(exc, MemoryError):  # host RAM: what the loader holds scales with these two
+                    hint = (f"; the host ran out of memory: lower hardware.micro_batch_tokens (now "
+                            f"{getattr(self.stream, 'T', '?')}) or data.prefetch (now {self.depth})")
                 exc = DataError(_one_line(f"{where or 'data loader'}: loader failed while reading it: "
-                                          f"{type(exc).__name__}: {exc}"))
+                                          f"{type(exc).__name__}: {exc}{hint}"))
             self._put(exc)
 
     def next(self):
