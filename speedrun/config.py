@@ -121,6 +121,7 @@ class HardwareConfig:
     precision: str = "fp32"  # fp32 | bf16 (bf16 activations, fp32 master weights)
     compile: bool = False
     compile_scope: str = "blocks"  # blocks: each block (one graph for all layers, fast compile) | model
+    memory_budget: float = 1.0  # torch.compile activation memory budget in (0, 1]: < 1 recomputes cheap ops to save memory
     fp8: bool = False  # FP8 GEMMs (dynamic per-tensor scales) for the blocks' matrices; needs precision=bf16
     micro_batch_tokens: int = 4096  # tokens per rank per forward/backward
     grad_accum: Optional[int] = None  # derived from train.batch_tokens when null
@@ -216,6 +217,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice(h.precision, PRECISIONS, "hardware.precision")
     _choice(h.device, DEVICES, "hardware.device")
     _choice(h.compile_scope, ("blocks", "model"), "hardware.compile_scope")
+    if not 0.0 < h.memory_budget <= 1.0:
+        raise ConfigError(f"hardware.memory_budget={h.memory_budget} must be in (0, 1] (1 = save every activation "
+                          "the compiler wants; lower trades recompute for memory)")
     if h.fp8 and h.precision != "bf16":
         raise ConfigError("hardware.fp8=true needs hardware.precision=bf16 (FP8 GEMMs take bf16 activations)")
     if h.fp8 and h.micro_batch_tokens % 16:
@@ -441,7 +445,7 @@ def check_overrides(args: list[str], conf_dir: str) -> Optional[str]:
 
 # ---- run identity: which settings make two runs "the same run" ----------------------------------
 NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_threads", "hardware.warmup_steps",
-                "hardware.compile", "hardware.compile_scope", "data.prefetch", "checkpoint.keep_last",
+                "hardware.compile", "hardware.compile_scope", "hardware.memory_budget", "data.prefetch", "checkpoint.keep_last",
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.final")
 
 

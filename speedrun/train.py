@@ -86,10 +86,14 @@ class MaskedLM(nn.Module):
         return dense_loss(self.model.logits(h), labels, weights, denom)
 
 
-def compile_model(model: ProteinLM, scope: str) -> None:
+def compile_model(model: ProteinLM, scope: str, memory_budget: float = 1.0) -> None:
     """torch.compile in place. scope=blocks compiles each transformer block (identical code, so one
     compiled graph serves all layers: short compile times) plus the head; scope=model compiles the
-    whole forward as one graph."""
+    whole forward as one graph. memory_budget < 1 lets the partitioner recompute cheap activations in
+    the backward instead of saving them (torch._functorch.config.activation_memory_budget)."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = memory_budget
     if scope == "model":
         model.compile(dynamic=False)
         return
@@ -377,7 +381,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         log.warning("hardware.compile=true ignored: the SDPA attention path (CPU) has data-dependent shapes; "
                     "torch.compile is used with the varlen/flex back-ends on CUDA")
     elif cfg.hardware.compile:
-        compile_model(model, cfg.hardware.compile_scope)
+        compile_model(model, cfg.hardware.compile_scope, cfg.hardware.memory_budget)
     task = MaskedLM(model)
     net = task
     if info.distributed:

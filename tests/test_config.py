@@ -28,7 +28,8 @@ def test_default_is_cpu_quickstart():
     cfg = typed()
     assert cfg.hardware.device == "cpu" and cfg.data.name == "sample"
     assert cfg.model.arch == "unet" and cfg.optimizer.name == "muon" and cfg.objective.name == "mlm"
-    assert cfg.hardware.micro_batch_tokens == 4096 and cfg.optimizer.warmup_steps == 25
+    assert cfg.hardware.micro_batch_tokens == 8192 and cfg.optimizer.warmup_steps == 25
+    assert cfg.model.dim == 64 and cfg.train.max_steps == 600
 
 
 def test_reference_recipe_composes():

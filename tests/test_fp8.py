@@ -1,5 +1,6 @@
-"""FP8 GEMMs (speedrun/fp8.py, hardware.fp8): the same arithmetic runs on the CPU, so numerics are
-checked here against bf16/fp32 references; the speed is measured on the GPU by speedrun.bench."""
+"""FP8 GEMMs (speedrun/fp8.py, hardware.fp8) and the compile memory budget. The FP8 arithmetic also runs
+on the CPU, so its numerics are checked here against bf16/fp32 references; the speed is measured on the
+GPU by speedrun.bench."""
 from __future__ import annotations
 
 import pytest
@@ -98,3 +99,22 @@ def test_fp8_training_run_on_cpu(tiny_cfg, tmp_path):
                            "checkpoint.final=false"), tmp_path)
     assert summary["status"] == "done"
     assert summary["step"] == 2 and summary["precision"] == "bf16+fp8" and torch.isfinite(torch.tensor(summary["val_loss"]))
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.5", "1.5"])
+def test_memory_budget_must_be_in_zero_one(tiny_cfg, bad):
+    with pytest.raises(ConfigError, match="hardware.memory_budget"):
+        tiny_cfg(f"hardware.memory_budget={bad}")
+
+
+def test_compile_model_sets_the_activation_memory_budget(tiny_cfg):
+    import torch._functorch.config as functorch_config
+
+    from speedrun.train import build_model, compile_model
+
+    before = functorch_config.activation_memory_budget
+    try:
+        compile_model(build_model(tiny_cfg()), "blocks", 0.9)  # lazy: nothing is compiled until a call
+        assert functorch_config.activation_memory_budget == 0.9
+    finally:
+        functorch_config.activation_memory_budget = before
