@@ -19,7 +19,7 @@ Writes into DIR (default: the given folder):
 Columns: the knobs the runs differ in (from each job's overrides; overrides shared by every run are
 listed above the table instead), status, final and best validation loss, the unigram baseline, train
 time / tokens / steps to the target loss, tokens/s, parameters, tokens, train and wall time, ranks,
-GPU-hours (= ranks x wall-clock hours of the last (re)start, as billed) and the estimated cost at
+GPU-hours (= ranks x wall-clock hours summed over every (re)start, as billed) and the estimated cost at
 --price-per-gpu-hour, plus any namespaced summary keys (`probe/...`) and `test_*` metrics that exist.
 
 The target loss is --target when given (computed from the validation rows of metrics.jsonl, so it can be

@@ -210,13 +210,19 @@ def _git(args: list[str], cwd: Path) -> str:
         return ""
 
 
-def environment(extra: dict | None = None) -> tuple[dict, str]:
-    """(env.json contents, git diff text). Never includes secret-looking variables."""
+def environment(extra: dict | None = None, repo: Path | None = None) -> tuple[dict, str]:
+    """(env.json contents, git diff text of the code against its commit, new untracked files included).
+    Never includes secret-looking variables."""
     import torch
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = repo or Path(__file__).resolve().parent.parent
     commit = _git(["rev-parse", "HEAD"], repo).strip()
     diff = _git(["diff", "HEAD"], repo) if commit else ""
+    if commit:  # new files that are not committed yet belong to the code that ran too
+        for name in _git(["ls-files", "--others", "--exclude-standard"], repo).splitlines():
+            f = repo / name
+            if f.is_file() and f.stat().st_size <= 1_000_000:
+                diff += _git(["diff", "--no-index", "--", "/dev/null", name], repo)
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("numpy", "hydra", "omegaconf", "submitit", "triton", "safetensors", "wandb", "huggingface_hub"):
         m = sys.modules.get(mod)

@@ -68,3 +68,36 @@ def test_help_hides_helper_groups_and_lists_the_launchers():
         (line,) = [ln for ln in lines if ln.split()[:1] == [name]]
         assert len(line.split()) > 4, line
     assert "hydra/launcher=" in r.stdout
+
+
+def test_ctrl_c_then_the_documented_resume_command_finishes_the_run(tmp_path):
+    """Interrupt a real CLI run with SIGINT, then resume it in place with `-cd RUN_DIR -cn reproduce
+    hydra.run.dir=RUN_DIR`: it continues from the saved step (no restart from 0) and ends done."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "launch.py", *TINY, "train.max_steps=400", f"hydra.run.dir={run_dir}"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()[0]
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, out
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "interrupted" and 3 <= s["step"] < 400
+    stopped_at = s["step"]
+
+    r = _launch("-cd", str(run_dir), "-cn", "reproduce", f"hydra.run.dir={run_dir}", timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "done" and s["step"] == 400
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # one row per step, no step logged twice
+    assert "resumed from" in (run_dir / "rank0.log").read_text() and stopped_at in steps

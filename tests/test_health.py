@@ -277,3 +277,24 @@ def test_host_memory_error_in_the_loader_names_what_to_lower(tiny_cfg, tmp_path,
     assert "MemoryError" in msg and ".bin" in msg and "\n" not in msg
     assert "hardware.micro_batch_tokens (now 1024)" in msg and "data.prefetch (now 1)" in msg
     assert _failed_summary(tmp_path)["reason"].startswith("DataError")
+
+
+def test_code_diff_records_changes_and_new_untracked_files(tmp_path):
+    import subprocess
+
+    from speedrun.rundir import environment
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    env, diff = environment(repo=tmp_path)
+    assert env["git_commit"] and not env["git_dirty"] and diff == ""
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "new_module.py").write_text("y = 3\n")
+    env, diff = environment(repo=tmp_path)
+    assert env["git_dirty"]
+    assert "+x = 2" in diff and "new_module.py" in diff and "+y = 3" in diff
