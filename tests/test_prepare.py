@@ -293,3 +293,22 @@ def test_read_fasta_semantics_are_kept_for_wrapped_lines():
     ref = [s for _, s in read_fasta(block.decode().splitlines(keepends=True))]
     assert n == 2 and [s.decode() for s in seqs] == ref
     assert list(encode(seqs[0])) == [CLS, 20, 15, UNK, 11, EOS]
+
+
+def test_a_killed_worker_stops_prepare_with_one_line_instead_of_hanging():
+    """multiprocessing.Pool waits forever for the block of a worker the OOM killer took; the executor
+    behind _ordered_map notices, and prepare stops with a DataError naming the fix."""
+    import multiprocessing
+    import os
+    import signal
+
+    seqs = _seqs(50)
+    block = "".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)).encode()
+    tasks = [("fasta", block, 0)] * 40
+    it = prep._ordered_map(iter(tasks), PrepareOptions(), workers=2)
+    assert next(it).records == 50
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(DataError, match="worker process died.*--workers 1"):
+        for _ in it:
+            pass

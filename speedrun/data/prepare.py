@@ -357,22 +357,34 @@ def _pool_task(task: tuple) -> _Chunk:
 def _ordered_map(tasks: Iterable[tuple], opts: PrepareOptions, workers: int) -> Iterator[_Chunk]:
     """Results of `_encode_task` in input order, with at most 2*workers+2 blocks in flight.
 
-    A bounded, order-preserving `imap`: `Pool.imap` would pull the whole input into its task queue.
-    `spawn` workers import only numpy and this package, and are safe in a process with threads.
+    A bounded, order-preserving `imap` (`Pool.imap` would pull the whole input into its task queue) on a
+    `ProcessPoolExecutor`: unlike `multiprocessing.Pool`, which silently replaces a worker that was
+    killed (say by the out-of-memory killer) and then waits forever for its block, the executor reports a
+    dead worker, and prepare stops with one line. `spawn` workers import only numpy and this package, and
+    are safe in a process with threads.
     """
     if workers <= 1:
         for t in tasks:
             yield _encode_task(t, opts)
         return
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(opts,)) as pool:
         pending: deque = deque()
-        for t in tasks:
-            pending.append(pool.apply_async(_pool_task, (t,)))
-            if len(pending) >= 2 * workers + 2:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for t in tasks:
+                pending.append(pool.submit(_pool_task, t))
+                if len(pending) >= 2 * workers + 2:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            for f in pending:
+                f.cancel()
+            raise DataError(f"a prepare worker process died (killed, perhaps out of memory) - no complete dataset was "
+                            f"written; rerun with fewer workers (--workers {max(1, workers // 2)})") from None
 
 
 # ================================================ writing =============================================
