@@ -14,12 +14,14 @@ Under torchrun all ranks share rank 0's run directory.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -70,7 +72,8 @@ def failure_action(status: str | None, *, multirun: bool, submitit: bool) -> str
     requeue   preempted / interrupted: left alone -- the trainer's own SystemExit and submitit's USR2
               handler decide (checkpoint, requeue, resume), exactly as without this function
     exit      failed, single run: one line on stderr, exit code 2 at once
-    fail_job  failed in a multirun under submitit: after the failed summary, the job process exits non-zero
+    fail_job  failed in a multirun under submitit: after the failed summary, JobFailed is the job's result
+              (the submitting side's sweep raises it once all jobs are in) and the process exits with code 2
               so SLURM (or submitit's local executor) marks the job FAILED, not COMPLETED
     record    failed in a local (basic launcher) multirun: the sweep goes on with the other jobs, and
               launch.py exits non-zero at the end, listing the failed job directories
@@ -85,6 +88,23 @@ def failure_action(status: str | None, *, multirun: bool, submitit: bool) -> str
 
 
 _FAILED_RUNS: list[str] = []
+_EXIT_CODE: list[int] = []  # set by a failed submitit job: the process's exit code (_exit_code_at_exit)
+_EXIT_HOOK: list[bool] = []
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job under submitit failed; the message names its run directory and its summary's reason.
+    Hydra prints a CompactHydraException as its message alone: one line on the submitting side."""
+
+
+def _exit_code_at_exit() -> None:
+    """Registered when a submitit job starts, so it runs after every exit handler registered later (W&B,
+    logging) and after submitit has written the job's result: a failed job's process exits non-zero."""
+    if _EXIT_CODE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(_EXIT_CODE[0])
 
 
 def failed_runs() -> list[str]:
@@ -113,10 +133,15 @@ def _fail(msg: str, multirun: bool, run_dir: Path | None = None, submitit: bool 
         except (OSError, CheckpointError) as exc:  # a full or unwritable disk (RunDirWriteError)
             print(f"error: could not mark {path} failed: {exc}", file=sys.stderr, flush=True)
     if action == "fail_job":
-        # SystemExit passes through Hydra's run_job (which catches Exception and would report the job as
-        # completed) and through submitit's job runner: the process, hence the job, exits with code 2.
+        # The job must end FAILED in SLURM *and* hand submitit its result: without a result file the
+        # submitting side stops at the first failure (or, where SLURM accounting is off, waits forever).
+        # So raise a plain exception -- Hydra's run_job stores it in the JobReturn, submitit pickles that as
+        # the job's result, and the sweep on the submitting side re-raises it once every job is collected --
+        # and exit with code 2 after submitit has written the result (_exit_code_at_exit).
         _cleanup_dist()
-        raise SystemExit(2)
+        _EXIT_CODE[:] = [2]
+        raise JobFailed(f"error: a job of the sweep failed ({run_dir}): {msg} - the other jobs ran to the end; "
+                        "each job's summary.json says how it ended")
     if run_dir is not None and str(run_dir) not in _FAILED_RUNS:
         _FAILED_RUNS.append(str(run_dir))
     return None
@@ -176,6 +201,11 @@ def run_task(cfg: DictConfig):
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     submitit = multirun and _under_submitit(hc)
+    if submitit and not _EXIT_HOOK:
+        import atexit
+
+        atexit.register(_exit_code_at_exit)
+        _EXIT_HOOK.append(True)
     run_dir = Path(hc.runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

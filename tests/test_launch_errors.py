@@ -55,17 +55,21 @@ def test_failure_action_decides_how_a_job_ends():
     assert failure_action("failed", multirun=False, submitit=False) == "exit"
 
 
-def test_a_failed_submitit_job_exits_nonzero_after_writing_its_summary(tmp_path, monkeypatch):
+def test_a_failed_submitit_job_raises_its_result_and_exits_nonzero(tmp_path, monkeypatch):
     import speedrun.task as task
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("SLURM_PROCID", raising=False)
-    with pytest.raises(SystemExit) as info:
+    monkeypatch.setattr(task, "_EXIT_CODE", [])
+    with pytest.raises(task.JobFailed, match="does not exist"):  # Hydra stores it; submitit pickles it
         task._fail("data folder /x does not exist", True, tmp_path, submitit=True)
-    assert info.value.code not in (0, None)
+    assert task._EXIT_CODE == [2]  # the process exits 2 once submitit has written the result
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == {"status": "failed", "reason": "data folder /x does not exist"}
     assert str(tmp_path) not in task.failed_runs()  # the job itself failed: nothing left for launch.py to list
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(task.JobFailed("x")))) == "x"  # travels in submitit's result file
 
 
 # ------------------------------------------------------------------------------ batch and ranks ----

@@ -232,6 +232,21 @@ def test_issue_command_two_job_sweep_on_slurm(cluster, tmp_path):
     print(f"2-job SLURM sweep: {time.time() - t0:.1f}s")
 
 
+def test_failed_sweep_jobs_fail_in_slurm_and_on_the_submitting_side(cluster, tmp_path):
+    """A job whose run fails (here: missing data) ends FAILED in SLURM with exit code 2, still hands submitit
+    its result (so the submitting side never waits for a result file), and the sweep exits 1 with one line."""
+    sweep = tmp_path / "sweep"
+    r = _launch("-m", "hydra/launcher=submitit_slurm", "data=local", f"data.path={tmp_path}/nowhere", "seed=0,1",
+                *TINY, "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 1, (r.stdout + r.stderr)[-4000:]
+    assert "error: a job of the sweep failed" in r.stderr  # (_launch sets HYDRA_FULL_ERROR: traceback too)
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert len(summaries) == 2 and all(s["status"] == "failed" for s in summaries)  # both jobs ran
+    ids = sorted({p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()})
+    shown = subprocess.run(["scontrol", "show", "job", ids[0]], capture_output=True, text=True).stdout
+    assert shown.count("JobState=FAILED") == 2 and shown.count("ExitCode=2:0") == 2, shown
+
+
 def _ddp_rank_weights(cfg, run_dir: str, out_dir: str):
     """One SLURM task: run the trainer's public entry point, then save this rank's final weights."""
     import os
