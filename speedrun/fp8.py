@@ -56,7 +56,7 @@ class _FP8Linear(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., K) · weight (N, K)ᵀ in FP8; K and N must be multiples of 16 (checked by `check_shapes`)."""
+    """x (..., K) · weight (N, K)ᵀ in FP8; K and N must be multiples of 16 (ProteinLM.enable_fp8 checks)."""
     lead = x.shape[:-1]
     y = _FP8Linear.apply(x.reshape(-1, x.size(-1)), weight)
     return y.view(*lead, weight.size(0))

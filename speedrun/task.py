@@ -181,7 +181,6 @@ def _share_run_dir(typed, run_dir: Path, hc) -> Path:
         hydra_files |= {str(sub), *(f"{sub}/{n}" for n in ("config.yaml", "hydra.yaml", "overrides.yaml"))}
     ours = {p.relative_to(mine).as_posix() for p in mine.rglob("*")} <= hydra_files
     if ours:
-        import logging
         import shutil
 
         loggers = [logging.getLogger(), *(lg for lg in list(logging.root.manager.loggerDict.values())

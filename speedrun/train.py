@@ -59,6 +59,9 @@ def _process_start() -> float:
 
 PROCESS_START = _process_start()
 TERMINAL = ("done", "failed", "dry_run")
+# stop requests as numbers, so that ranks agree on one with an all-reduce max (time_limit: train.max_minutes)
+STOP_CODE = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}
+STOP_KIND = {1.0: "interrupted", 2.0: "preempted", 3.0: "time_limit"}
 
 
 class RunFailed(RuntimeError):
@@ -512,7 +515,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     try:
         while step < cfg.train.max_steps:
             # ---- signals, limits and the checkpoint timer, agreed by all ranks at the step boundary ----
-            stop = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}[signals.flag]
+            stop = STOP_CODE[signals.flag]
             if cfg.train.max_minutes > 0 and clock.seconds > 60 * cfg.train.max_minutes:
                 stop = max(stop, 3.0)
             # checkpoint.every_minutes rides on the same all-reduce: code = 2 * stop + timer. The max gives
@@ -523,7 +526,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
             code = D.all_reduce_max(code, info) if info.distributed else code
             stop, timer = float(code // 2), code % 2
             if stop:
-                kind = {1.0: "interrupted", 2.0: "preempted", 3.0: "time_limit"}[stop]
+                kind = STOP_KIND[stop]
                 if kind == "time_limit":
                     log.info(f"train.max_minutes={cfg.train.max_minutes} reached at step {step}")
                     break
@@ -659,7 +662,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         #     exit 0, with the signal named in the summary's reason (SIGUSR2 does not requeue a finished run);
         #   - no final checkpoint (checkpoint.final=false): nothing proves the end state -> "interrupted" /
         #     "preempted" with the usual non-zero exit, as for a signal during training.
-        late = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}[signals.flag]
+        late = STOP_CODE[signals.flag]
         late = D.all_reduce_max(late, info) if info.distributed else late
         if late:
             who = signals.name or "a stop signal"
@@ -668,7 +671,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                           "checkpoint completed")
                 log.warning(reason)
             else:
-                raise StopRun({1.0: "interrupted", 2.0: "preempted"}[late],
+                raise StopRun(STOP_KIND[late],
                               f"received {who} during the final evaluation (step {step}, training finished); "
                               "no final checkpoint was written (checkpoint.final=false)")
     except StopRun as stop_exc:

@@ -145,33 +145,34 @@ def _failed_summary(d):
     return summary
 
 
+def _fails_with_one_line(cfg, run_dir) -> tuple[str, dict]:
+    """run() raises RunFailed with a one-line message, which summary.json (status failed) records."""
+    with pytest.raises(RunFailed) as err:
+        run(cfg, run_dir)
+    msg = str(err.value)
+    assert "\n" not in msg
+    summary = _failed_summary(run_dir)
+    assert summary["reason"] == msg
+    return msg, summary
+
+
 def test_out_of_memory_in_the_compile_warmup_fails_cleanly(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "dense_loss", _oom)
-    with pytest.raises(RunFailed) as err:
-        run(tiny_cfg("train.max_steps=3", "hardware.warmup_steps=1"), tmp_path)
-    msg = str(err.value)
+    msg, _ = _fails_with_one_line(tiny_cfg("train.max_steps=3", "hardware.warmup_steps=1"), tmp_path)
     assert "warm-up" in msg and "hardware.micro_batch_tokens=1024" in msg and "hardware.micro_batch_tokens=512" in msg
-    assert "\n" not in msg and _failed_summary(tmp_path)["reason"] == msg
 
 
 def test_out_of_memory_in_the_dry_run_probe_fails_cleanly(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "_probe_step_memory", _oom)  # the probe (CUDA only) runs out of memory
-    with pytest.raises(RunFailed) as err:
-        run(tiny_cfg("dry_run=true"), tmp_path)
-    msg = str(err.value)
-    assert "dry run" in msg and "hardware.micro_batch_tokens=512" in msg and "\n" not in msg
-    assert _failed_summary(tmp_path)["reason"] == msg
+    msg, _ = _fails_with_one_line(tiny_cfg("dry_run=true"), tmp_path)
+    assert "dry run" in msg and "hardware.micro_batch_tokens=512" in msg
 
 
 def test_out_of_memory_in_evaluation_names_eval_batch_tokens(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "evaluate", _oom)
-    with pytest.raises(RunFailed) as err:
-        run(tiny_cfg("train.max_steps=2", "eval.batch_tokens=2048"), tmp_path)
-    msg = str(err.value)
+    msg, summary = _fails_with_one_line(tiny_cfg("train.max_steps=2", "eval.batch_tokens=2048"), tmp_path)
     assert "evaluation" in msg and "eval.batch_tokens=2048" in msg and "eval.batch_tokens=1024" in msg
-    assert "hardware.micro_batch_tokens=1024" in msg and "\n" not in msg
-    summary = _failed_summary(tmp_path)
-    assert summary["reason"] == msg and summary["step"] == 2
+    assert "hardware.micro_batch_tokens=1024" in msg and summary["step"] == 2
 
 
 @pytest.mark.parametrize("err_no,words", [(errno.ENOSPC, "disk is full"), (errno.EACCES, "permission denied")])
