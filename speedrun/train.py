@@ -25,7 +25,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -62,6 +62,8 @@ TERMINAL = ("done", "failed", "dry_run")
 # stop requests as numbers, so that ranks agree on one with an all-reduce max (time_limit: train.max_minutes)
 STOP_CODE = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}
 STOP_KIND = {1.0: "interrupted", 2.0: "preempted", 3.0: "time_limit"}
+# called with the step number after every optimizer step when set (the benchmark's profiler: speedrun.bench.profile)
+STEP_HOOK: Optional[Callable[[int], None]] = None
 
 
 class RunFailed(RuntimeError):
@@ -571,6 +573,8 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                 raise StopRun("failed", _oom_reason(T, device)) from None
             model.zero_grad(set_to_none=True)
             step += 1
+            if STEP_HOOK is not None:
+                STEP_HOOK(step)
             tokens_seen += geo["batch_tokens"]
             tracker.progress(step)  # advances the console bar; no device sync
             if finite:

@@ -14,3 +14,39 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert res["flops_per_token"] > 0 and res["mean_context"] > 0 and res["mfu"] is None
     assert json.loads(out.read_text())["tokens_per_s"] == res["tokens_per_s"]
     assert "tokens_per_s" in capsys.readouterr().out
+
+
+def test_bench_profile_groups_the_time(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    res = main(["model=unet_tiny", "hardware.micro_batch_tokens=1024", "data.max_length=256",
+                "train.window_start=256", "bench.steps=2", "bench.warmup=1", f"bench.profile={trace}"])
+    prof = res["profile"]
+    assert trace.exists() and json.loads(trace.read_text())["traceEvents"]
+    assert prof["total_ms"] > 0 and abs(sum(prof["categories"].values()) - prof["total_ms"]) < 1e-6
+    assert "gemm" in prof["categories"]  # the tiny model's linear layers are CPU matmuls
+    assert all(cat in prof["categories"] for _, cat, _, _ in prof["kernels"])
+    assert "self time per optimizer step" in capsys.readouterr().out
+
+
+def test_profile_categories():
+    from speedrun.bench.profile import category
+
+    assert category("flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel") == "attention"
+    assert category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert category("triton_per_fused__to_copy_mul_rms_norm_0") == "fused (Inductor/Triton)"
+    assert category("aten::addmm") == "gemm"
+    assert category("void at::native::vectorized_elementwise_kernel<4>") == "other (eager ops)"
+
+
+def test_parity_options_and_cpu_refusal(monkeypatch):
+    import pytest
+
+    from speedrun.bench import parity
+
+    overrides, opts = parity.parse(["model=unet_tiny", "parity.batches=3", "parity.cos_tol=0.99"])
+    assert overrides == ["model=unet_tiny"] and opts["batches"] == 3 and opts["cos_tol"] == 0.99
+    with pytest.raises(SystemExit, match="unknown parity option parity.nope"):
+        parity.parse(["parity.nope=1"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit, match="run it on a GPU machine"):
+        parity.main(["model=unet_tiny"])

@@ -13,7 +13,10 @@ data=local data.path=DIR`), then it runs the real training loop (speedrun.train.
 * peak GPU memory; the data loader's share of train time (host time spent waiting for batches).
 
 Bench-only keys: bench.steps (timed steps, default 20), bench.warmup (steps excluded from the
-statistics, default 3), bench.peak_tflops, bench.out (a JSON file for the results).
+statistics, default 3), bench.peak_tflops, bench.out (a JSON file for the results), bench.profile
+(a Chrome-trace path: profile up to 3 steps after the warm-up and print where the time goes, grouped
+into attention / GEMM / fused Triton kernels / other; speedrun/bench/profile.py). Profiled steps run
+slower than the others, so read speed from a run without bench.profile.
 On CPU with a tiny model it exercises the same code path (tests/test_bench.py).
 """
 from __future__ import annotations
@@ -28,14 +31,14 @@ CONF = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict]:
-    bench = {"steps": 20, "warmup": 3, "peak_tflops": 793.0, "out": None}
+    bench = {"steps": 20, "warmup": 3, "peak_tflops": 793.0, "out": None, "profile": None}
     overrides = []
     for a in argv:
         if a.startswith("bench."):
             k, _, v = a[len("bench."):].partition("=")
             if k not in bench:
                 raise SystemExit(f"error: unknown bench option bench.{k}: choose from {', '.join(bench)}")
-            bench[k] = v if k == "out" else float(v) if k == "peak_tflops" else int(v)
+            bench[k] = v if k in ("out", "profile") else float(v) if k == "peak_tflops" else int(v)
         else:
             overrides.append(a)
     return overrides, bench
@@ -75,7 +78,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_dir = Path(tempfile.mkdtemp(prefix="speedrun-bench-"))
     t0 = time.time()
-    summary = run(cfg, run_dir)
+    profiled: dict = {}
+    if bench["profile"]:
+        if cfg.hardware.gpus > 1:
+            raise SystemExit("error: bench.profile profiles one process: set hardware.gpus=1")
+        import torch
+
+        from .profile import profiling
+
+        on_gpu = cfg.hardware.device == "cuda" or (cfg.hardware.device == "auto" and torch.cuda.is_available())
+        with profiling(bench["profile"], bench["warmup"], min(3, bench["steps"]),
+                       cuda=on_gpu) as profiled:
+            summary = run(cfg, run_dir)
+    else:
+        summary = run(cfg, run_dir)
     times = summary.get("step_times_ms") or []
     steady = times[bench["warmup"]:] if len(times) > bench["warmup"] else times
     import numpy as np
@@ -99,11 +115,17 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_gib": summary.get("peak_memory_gib"), "loader_wait_frac": summary.get("loader_wait_frac"),
         "bench_wall_s": time.time() - t0, "run_dir": str(run_dir),
     }
-    width = max(len(k) for k in result)
+    if profiled.get("table"):
+        result["profile"] = {"trace": bench["profile"], **profiled["table"]}
+    width = max(len(k) for k in result if k != "profile")
     print("\nspeedrun.bench")
     for k, v in result.items():
+        if k == "profile":
+            continue
         shown = f"{v:,.4g}" if isinstance(v, float) else v
         print(f"  {k:<{width}}  {shown}")
+    if profiled.get("text"):
+        print(profiled["text"])
     if bench["out"]:
         Path(bench["out"]).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -1,0 +1,122 @@
+"""Does the fast path compute what the eager path computes? `python -m speedrun.bench.parity [overrides]`
+
+    python -m speedrun.bench.parity model=unet optimizer=muon hardware=gpu data=local data.path=DIR
+
+Composed by Hydra like a run. Takes `parity.batches` real training micro-batches (the run's shards,
+packing and masking), and for each computes the loss and every parameter's gradient twice from the
+same weights: once eager, once through the model compiled as the run would compile it
+(`hardware.compile_scope`, `hardware.memory_budget`; FP8 when `hardware.fp8=true`). Prints the largest
+loss difference, the cosine between the full gradient vectors, and the smallest per-parameter cosine.
+Exits 1 when the losses differ by more than `parity.loss_tol` (default 2e-3, bf16) or the gradient
+cosine is below `parity.cos_tol` (default 0.999). Needs CUDA: on the CPU the trainer runs eager.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+
+
+def parse(argv: list[str]) -> tuple[list[str], dict]:
+    opts = {"batches": 2, "loss_tol": 2e-3, "cos_tol": 0.999, "out": None}
+    overrides = []
+    for a in argv:
+        if a.startswith("parity."):
+            k, _, v = a[len("parity."):].partition("=")
+            if k not in opts:
+                raise SystemExit(f"error: unknown parity option parity.{k}: choose from {', '.join(opts)}")
+            opts[k] = v if k == "out" else int(v) if k == "batches" else float(v)
+        else:
+            overrides.append(a)
+    return overrides, opts
+
+
+def loss_and_grads(model, batch, backend_window, dtype) -> tuple[float, dict[str, torch.Tensor]]:
+    from ..objectives import dense_loss
+
+    inputs, doc_ids, labels, window = batch
+    model.zero_grad(set_to_none=True)
+    ctx = model.make_context(doc_ids, backend_window)
+    h = model(inputs, doc_ids, window, dtype=dtype, ctx=ctx)
+    loss = dense_loss(model.logits(h), labels)
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def main(argv: list[str] | None = None) -> dict:
+    overrides, opts = parse(sys.argv[1:] if argv is None else argv)
+    from . import __main__ as bench_cli
+
+    cfg = bench_cli.compose(overrides)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: speedrun.bench.parity compares the compiled CUDA path with eager; "
+                         "run it on a GPU machine (hardware=gpu)")
+    from ..data import data_files
+    from ..data.loader import TrainStream
+    from ..objectives import apply_objective, generator_for
+    from ..train import build_model, compile_model, seed_everything, window_at
+
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16 if cfg.hardware.precision == "bf16" else torch.float32
+    seed_everything(cfg.seed)
+    eager = build_model(cfg).to(device)
+    window = window_at(cfg, 0)
+    never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
+    backend = eager.set_attention_backend(device, cfg.data.max_length if never_binds else 0)
+    # train a few random directions into the zero-initialised output matrices, so that every
+    # gradient is non-trivial (at init the o/down matrices are zero and most gradients vanish)
+    with torch.no_grad():
+        for n, p in eager.named_parameters():
+            if p.ndim == 2 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    fast = copy.deepcopy(eager)
+    if cfg.hardware.fp8:
+        eager.enable_fp8()
+        fast.enable_fp8()
+    compile_model(fast, cfg.hardware.compile_scope, cfg.hardware.memory_budget)
+    stream = TrainStream(data_files(cfg.data, "train"), cfg.hardware.micro_batch_tokens, cfg.data.max_length,
+                         cfg.data.seed)
+    window_t = torch.tensor(window, dtype=torch.int32, device=device)
+    rows = []
+    for i in range(opts["batches"]):
+        tok, did = stream.next_batch()
+        tokens = torch.from_numpy(tok).to(device).long()
+        doc_ids = torch.from_numpy(did).to(device)
+        m = apply_objective(cfg.objective, tokens, doc_ids, 0, generator_for(device, cfg.seed, i))
+        batch = (m.inputs, doc_ids, m.labels, window_t)
+        bw = window_t if backend == "flex" else window
+        le, ge = loss_and_grads(eager, batch, bw, dtype)
+        lf, gf = loss_and_grads(fast, batch, bw, dtype)
+        a = torch.cat([ge[n].flatten() for n in ge])
+        b = torch.cat([gf[n].flatten() for n in ge])
+        per = {n: float(torch.nn.functional.cosine_similarity(ge[n].flatten(), gf[n].flatten(), dim=0))
+               for n in ge if ge[n].norm() > 0}
+        worst = min(per, key=per.get)
+        rows.append({"batch": i, "loss_eager": le, "loss_compiled": lf, "loss_diff": abs(le - lf),
+                     "grad_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+                     "worst_param": worst, "worst_param_cosine": per[worst]})
+    res = {"attention": backend, "compile_scope": cfg.hardware.compile_scope, "fp8": cfg.hardware.fp8,
+           "micro_batch_tokens": cfg.hardware.micro_batch_tokens, "batches": rows,
+           "max_loss_diff": max(r["loss_diff"] for r in rows),
+           "min_grad_cosine": min(r["grad_cosine"] for r in rows)}
+    for r in rows:
+        print(f"batch {r['batch']}: loss eager {r['loss_eager']:.6f} compiled {r['loss_compiled']:.6f} "
+              f"(diff {r['loss_diff']:.2e}) | gradient cosine {r['grad_cosine']:.6f} | worst parameter "
+              f"{r['worst_param']} {r['worst_param_cosine']:.6f}")
+    ok = res["max_loss_diff"] <= opts["loss_tol"] and res["min_grad_cosine"] >= opts["cos_tol"]
+    print(f"parity {'ok' if ok else 'FAILED'}: max loss diff {res['max_loss_diff']:.2e} (tol {opts['loss_tol']:g}), "
+          f"min gradient cosine {res['min_grad_cosine']:.6f} (tol {opts['cos_tol']:g})")
+    if opts["out"]:
+        with open(opts["out"], "w") as f:
+            json.dump(res, f, indent=2)
+    if not ok:
+        raise SystemExit(1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
