@@ -60,30 +60,37 @@ class CastedLinear(nn.Linear):
 class Rotary(nn.Module):
     """Half-split rotary embedding: dims [0, D/2) and [D/2, D) rotate as pairs; positions 0..T-1 of the
     packed stream (RoPE is relative, so stream positions act like positions within each document).
-    cos/sin are recomputed in the graph (cheap, fused by the compiler; no cache state to guard on)."""
+    `forward` builds the cos/sin tables once per model forward and every layer reuses them (computing
+    them inside each layer repeated the transcendentals in every layer, forward and backward)."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, H, D)
-        t = torch.arange(x.size(0), device=x.device, dtype=torch.float32)
+    def forward(self, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin tables of shape (T, 1, D/2) in `dtype`."""
+        t = torch.arange(T, device=self.inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq)
-        cos, sin = freqs.cos()[:, None, :].to(x.dtype), freqs.sin()[:, None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        return freqs.cos()[:, None, :].to(dtype), freqs.sin()[:, None, :].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x (T, H, D) by the tables of `Rotary.forward`."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, value_mix: bool, rotary: Rotary):
+    def __init__(self, dim: int, n_heads: int, value_mix: bool):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.q, self.k, self.v = CastedLinear(dim, dim), CastedLinear(dim, dim), CastedLinear(dim, dim)
         self.o = CastedLinear(dim, dim, zero_init=True)
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_mix else None
-        self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], ctx: AttnContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], ctx: AttnContext,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T = x.size(0)
         shape = (T, self.n_heads, self.head_dim)
         # one GEMM for q, k and v (the three weights stay separate parameters, as Muon wants them)
@@ -91,7 +98,7 @@ class Attention(nn.Module):
         q, k, v = linear(x, w, self.q.fp8).view(T, 3, *shape[1:]).unbind(1)
         if self.lambdas is not None and ve is not None:
             v = self.lambdas[0] * v + self.lambdas[1] * ve.view(shape)
-        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        q, k = apply_rotary(norm(q), rope), apply_rotary(norm(k), rope)
         y = attend(q, k, v, ctx)
         return self.o(y.reshape(T, -1))
 
@@ -107,16 +114,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: Rotary, unet: bool):
+    def __init__(self, cfg: ModelConfig, unet: bool):
         super().__init__()
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if unet else None
-        self.attn = Attention(cfg.dim, cfg.n_heads, value_mix=unet and cfg.value_embeddings, rotary=rotary)
+        self.attn = Attention(cfg.dim, cfg.n_heads, value_mix=unet and cfg.value_embeddings)
         self.mlp = MLP(cfg.dim, mlp_hidden(cfg))
 
-    def forward(self, x, x0, ve, ctx):
+    def forward(self, x, x0, ve, ctx, rope):
         if self.lambdas is not None:
             x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(norm(x), ve, ctx)
+        x = x + self.attn(norm(x), ve, ctx, rope)
         return x + self.mlp(norm(x))
 
 
@@ -150,14 +157,14 @@ class ProteinLM(nn.Module):
         self.unet = cfg.arch == "unet"
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         nn.init.normal_(self.embed.weight)
-        rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_base)
+        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_base)
         half = cfg.n_layers // 2
         self.value_embeds = nn.ModuleList(
             [nn.Embedding(cfg.vocab_size, cfg.dim) for _ in range(half)]
             if self.unet and cfg.value_embeddings else [])
         for ve in self.value_embeds:
             nn.init.normal_(ve.weight)
-        self.blocks = nn.ModuleList([Block(cfg, rotary, self.unet) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([Block(cfg, self.unet) for _ in range(cfg.n_layers)])
         self.skip_weights = nn.Parameter(torch.ones(half)) if self.unet else None
         self.lm_head = LMHead(cfg)
         if cfg.tie_embeddings:
@@ -222,6 +229,7 @@ class ProteinLM(nn.Module):
         if ctx is None:
             ctx = self.make_context(doc_ids, window)
         x = x0 = self.embed_tokens(input_ids, dtype)
+        rope = self.rotary(x.size(0), dtype)
         ves = [ve(input_ids).to(dtype) for ve in self.value_embeds]
         layers = []
         if self.unet:
@@ -231,14 +239,14 @@ class ProteinLM(nn.Module):
             for i, block in enumerate(self.blocks):
                 if i >= half:
                     x = x + self.skip_weights[i - half].to(dtype) * skips.pop()
-                x = block(x, x0, ves[i], ctx)
+                x = block(x, x0, ves[i], ctx, rope)
                 if i < half:
                     skips.append(x)
                 if return_layers:
                     layers.append(x)
         else:
             for block in self.blocks:
-                x = block(x, x0, None, ctx)
+                x = block(x, x0, None, ctx, rope)
                 if return_layers:
                     layers.append(x)
         h = norm(x)

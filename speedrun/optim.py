@@ -70,20 +70,25 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(f"Muon takes 2-D matrices only, got shape {tuple(p.shape)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
-    def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """Advance p's momentum buffer (on every rank, so every rank holds the full state) and
-        return the direction to orthogonalise."""
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
-        buf.lerp_(p.grad, 1 - group["momentum"])
-        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+    def _directions(self, plist: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """Advance the momentum buffers of `plist` (on every rank, so every rank holds the full state)
+        and return the directions to orthogonalise. Foreach kernels: one launch per list, not per matrix."""
+        bufs = []
+        for p in plist:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        grads = [p.grad for p in plist]
+        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+        return torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
 
     @staticmethod
-    def _apply(p: torch.Tensor, o: torch.Tensor, lr: float) -> None:
-        scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))
-        p.add_(o.to(p.dtype), alpha=-lr * scale)
+    def _apply(plist: list[torch.Tensor], updates: list[torch.Tensor], lr: float) -> None:
+        """W <- W - lr·sqrt(max(1, rows/cols))·O for matrices of one shape (updates already in the
+        parameters' dtype), in one foreach launch."""
+        scale = math.sqrt(max(1.0, plist[0].size(0) / plist[0].size(1)))
+        torch._foreach_add_(plist, updates, alpha=-lr * scale)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -95,11 +100,10 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 by_shape[tuple(p.shape)].append(p)
             for shape, plist in by_shape.items():
-                directions = [self._momentum(p, group) for p in plist]
+                directions = self._directions(plist, group)
                 if world == 1:  # one batched Newton-Schulz per shape: a few large kernels, not many small ones
                     out = zeropower_via_newtonschulz5(torch.stack(directions), group["ns_steps"])
-                    for p, o in zip(plist, out):
-                        self._apply(p, o, group["lr"])
+                    self._apply(plist, list(out.to(plist[0].dtype).unbind(0)), group["lr"])
                     continue
                 # rank r orthogonalises matrices r, r+world, ... of this shape (batched), then all ranks
                 # exchange results; the last chunk is padded with zeros so every rank sends the same shape
@@ -110,8 +114,9 @@ class Muon(torch.optim.Optimizer):
                     local[:len(mine)] = zeropower_via_newtonschulz5(torch.stack(mine), group["ns_steps"])
                 gathered = torch.empty((world * n_chunks, *shape), dtype=torch.bfloat16, device=local.device)
                 dist.all_gather_into_tensor(gathered, local)  # rank r's chunk lands at rows r*n_chunks...
-                for i, p in enumerate(plist):
-                    self._apply(p, gathered[(i % world) * n_chunks + i // world], group["lr"])
+                gathered = gathered.to(plist[0].dtype)
+                self._apply(plist, [gathered[(i % world) * n_chunks + i // world] for i in range(len(plist))],
+                            group["lr"])
         return None
 
 

@@ -396,7 +396,9 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
 
     def micro_step(tokens, doc_ids, at_step, gen, sync: bool):
         m = apply_objective(cfg.objective, tokens, doc_ids, at_step, gen)
-        ctx = model.make_context(doc_ids, window_t if backend == "flex" else int(window_t.item()))
+        # flex reads the window from a device tensor (no recompiles); the others take the host int
+        # (no .item(): a host sync here would stall the launch of every step's forward)
+        ctx = model.make_context(doc_ids, window_t if backend == "flex" else window_at(cfg, at_step))
         cm = net.no_sync() if (info.distributed and not sync) else contextlib.nullcontext()
         with cm:
             loss = net(m.inputs, doc_ids, window_t, m.labels, ctx, dtype, m.weights, m.denom)
