@@ -118,6 +118,8 @@ def build_context(doc_ids: torch.Tensor, window: int | torch.Tensor, backend: st
             return allowed(doc_ids[q_idx], doc_ids[kv_idx], q_idx, kv_idx, win)
 
         bm = create_block_mask(mask_mod, None, None, T, T, device=doc_ids.device)
+        _flex_fn(doc_ids.device)  # create the compiled kernel here, outside any compiled region: created
+        # while a block is traced, the global changes under the trace and every block compiles twice
         return AttnContext("flex", block_mask=bm)
     return AttnContext("sdpa", groups=_sdpa_groups(doc_ids, int(window)))
 

@@ -82,7 +82,7 @@ def evaluate(model, evalset: EvalSet, *, device: torch.device, window: int, dtyp
         inputs = torch.where(selected, torch.full_like(t, MASK), t)
         labels = torch.where(selected, t, torch.full_like(t, IGNORE))
         h = model(inputs, d, window, dtype=dtype)
-        ce, logits, targets = masked_loss(model, h, labels, reduction="none")
+        ce, logits, targets = masked_loss(model, h, labels, reduction="none", dense_head=True)
         ce = ce.double()
         sums[0] += ce.sum()
         sums[1] += targets.numel()

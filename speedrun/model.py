@@ -228,7 +228,10 @@ class ProteinLM(nn.Module):
         """
         if ctx is None:
             ctx = self.make_context(doc_ids, window)
-        x = x0 = self.embed_tokens(input_ids, dtype)
+        x0 = self.embed_tokens(input_ids, dtype)
+        # the first block gets a copy: were x and x0 the same tensor there, torch.compile would guard on
+        # the aliasing and compile the block twice (one graph for layer 0, one for the rest)
+        x = x0.clone()
         rope = self.rotary(x.size(0), dtype)
         ves = [ve(input_ids).to(dtype) for ve in self.value_embeds]
         layers = []

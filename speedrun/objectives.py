@@ -127,8 +127,11 @@ def apply_objective(cfg: ObjectiveConfig, tokens: torch.Tensor, doc_ids: torch.T
 
 
 def masked_loss(model, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
-                weights: Optional[torch.Tensor] = None, denom: Optional[torch.Tensor] = None):
-    """Cross-entropy on masked positions only: the LM head runs on those rows alone.
+                weights: Optional[torch.Tensor] = None, denom: Optional[torch.Tensor] = None,
+                dense_head: bool = False):
+    """Cross-entropy on masked positions only: the LM head runs on those rows alone — or, with
+    `dense_head`, on every row of the batch before the masked rows are picked (a static shape, so a
+    compiled head is not recompiled for every count of masked tokens; evaluation uses it).
 
     Plain form: mean (or sum) CE over masked tokens. Weighted form (weights, denom given): the sum of
     weight x CE over masked tokens divided by denom. Returns (loss, logits, targets) where
@@ -137,7 +140,8 @@ def masked_loss(model, hidden: torch.Tensor, labels: torch.Tensor, reduction: st
     flat = labels.reshape(-1)
     idx = torch.nonzero(flat != IGNORE).flatten()
     targets = flat[idx]
-    logits = model.logits(hidden.reshape(-1, hidden.size(-1))[idx])
+    rows = hidden.reshape(-1, hidden.size(-1))
+    logits = model.logits(rows)[idx] if dense_head else model.logits(rows[idx])
     if idx.numel() == 0:
         return hidden.sum() * 0.0, logits, targets
     if weights is not None:

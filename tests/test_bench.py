@@ -50,3 +50,23 @@ def test_parity_options_and_cpu_refusal(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(SystemExit, match="run it on a GPU machine"):
         parity.main(["model=unet_tiny"])
+
+
+def test_bench_counts_graphs_compiled_after_the_first_step(monkeypatch):
+    import torch._dynamo.utils as dynamo_utils
+
+    from speedrun import train
+
+    def fake_run(cfg, run_dir):  # two steps; a "recompile" lands between them
+        train.STEP_HOOK(1)
+        dynamo_utils.counters["stats"]["unique_graphs"] += 2
+        train.STEP_HOOK(2)
+        dynamo_utils.counters["stats"]["unique_graphs"] += 5  # the final evaluation's graphs: not counted
+        return {"step_times_ms": [10.0, 10.0], "batch": {"batch_tokens": 1024, "micro_batch_tokens": 1024,
+                "grad_accum": 1, "world_size": 1}, "flops_per_token": 1.0, "n_params": 1, "device": "cpu",
+                "attention": "sdpa"}
+
+    monkeypatch.setattr(train, "run", fake_run)
+    res = main(["model=unet_tiny", "bench.steps=1", "bench.warmup=0"])
+    assert res["recompiles_after_first_step"] == 2
+    assert train.STEP_HOOK is None

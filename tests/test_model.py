@@ -157,3 +157,24 @@ def test_memory_estimate_matches_the_h200_measurements():
     assert estimate_memory_gib(ModelConfig(), 65536, "bf16") == pytest.approx(41.0, rel=0.03)
     assert estimate_memory_gib(ModelConfig(), 131072, "bf16") == pytest.approx(79.6, rel=0.03)
     assert estimate_memory_gib(ModelConfig(arch="patch_unet"), 65536, "bf16") is None
+
+
+@pytest.mark.parametrize("arch", ["unet", "transformer"])
+def test_per_block_compile_is_one_graph_for_every_layer(arch):
+    """Regional compilation relies on every block hitting the same compiled graph: no guard may tell
+    layer 0 from the others (the first block once got x and x0 as one tensor and compiled twice)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = ProteinLM(ModelConfig(arch=arch, dim=64, n_layers=4, n_heads=2))
+    m.set_attention_backend(torch.device("cpu"))
+    for b in m.blocks:
+        b.compile(backend="eager", dynamic=False)
+    ids = torch.randint(4, 30, (256,))
+    doc = torch.zeros(256, dtype=torch.int32)
+    doc[128:] = 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            m(ids, doc, 1024).square().sum().backward()
+    torch._dynamo.reset()

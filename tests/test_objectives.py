@@ -135,3 +135,22 @@ def test_mlm_to_diffusion_schedule():
     in_diffusion = [(half.weights[(doc == d) & sel] != 5.0).any().item() for d in range(399)
                     if ((doc == d) & sel).any()]
     assert 0.4 < sum(in_diffusion) / len(in_diffusion) < 0.6  # about half the sequences draw a diffusion t
+
+
+def test_dense_head_gives_the_same_loss_and_sees_every_row():
+    t, doc = _docs(20, 30)
+    m = mask_per_document(t, doc, 0.2, 1.0, 1e-3, generator_for(torch.device("cpu"), 2))
+    seen = []
+
+    class Head:
+        def logits(self, h):
+            seen.append(h.shape[0])
+            return h * 2.0
+
+    hidden = torch.randn(t.numel(), 33)
+    sparse = masked_loss(Head(), hidden, m.labels, reduction="none")
+    dense = masked_loss(Head(), hidden, m.labels, reduction="none", dense_head=True)
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(a, b)
+    n_masked = int((m.labels != IGNORE).sum())
+    assert seen == [n_masked, t.numel()]  # the dense head's input has the batch's static shape

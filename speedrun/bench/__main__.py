@@ -10,7 +10,9 @@ data=local data.path=DIR`), then it runs the real training loop (speedrun.train.
   the mean context is sum(L_i^2) / sum(L_i) over the documents of the batches) and the peak given by
   `bench.peak_tflops` (default 793: the bf16 matmul ceiling measured on an H200);
 * time to the first optimizer step (from process start, compilation included), compile seconds;
-* peak GPU memory; the data loader's share of train time (host time spent waiting for batches).
+* peak GPU memory; the data loader's share of train time (host time spent waiting for batches);
+* recompiles: torch.compile graphs compiled after the first optimizer step (0 when neither the
+  sliding window nor the mask-rate schedule forces a recompile).
 
 Bench-only keys: bench.steps (timed steps, default 20), bench.warmup (steps excluded from the
 statistics, default 3), bench.peak_tflops, bench.out (a JSON file for the results), bench.profile
@@ -74,24 +76,42 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.checkpoint.final = False
     cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, 1)
 
-    from ..train import run
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+
+    from .. import train
 
     run_dir = Path(tempfile.mkdtemp(prefix="speedrun-bench-"))
     t0 = time.time()
     profiled: dict = {}
-    if bench["profile"]:
-        if cfg.hardware.gpus > 1:
-            raise SystemExit("error: bench.profile profiles one process: set hardware.gpus=1")
-        import torch
+    # torch.compile graphs compiled so far, after the first and after the latest optimizer step (the
+    # final evaluation, which compiles its own no-grad graphs, comes after the last step: not counted)
+    graphs = {"first": None, "last": None}
 
-        from .profile import profiling
+    def hook(step: int) -> None:
+        graphs["last"] = dynamo_utils.counters["stats"]["unique_graphs"]
+        if step == 1:
+            graphs["first"] = graphs["last"]
+        if "hook" in profiled:
+            profiled["hook"](step)
 
-        on_gpu = cfg.hardware.device == "cuda" or (cfg.hardware.device == "auto" and torch.cuda.is_available())
-        with profiling(bench["profile"], bench["warmup"], min(3, bench["steps"]),
-                       cuda=on_gpu) as profiled:
-            summary = run(cfg, run_dir)
-    else:
-        summary = run(cfg, run_dir)
+    train.STEP_HOOK = hook
+    try:
+        if bench["profile"]:
+            if cfg.hardware.gpus > 1:
+                raise SystemExit("error: bench.profile profiles one process: set hardware.gpus=1")
+            from .profile import profiling
+
+            on_gpu = cfg.hardware.device == "cuda" or (cfg.hardware.device == "auto" and torch.cuda.is_available())
+            with profiling(bench["profile"], bench["warmup"], min(3, bench["steps"]), cuda=on_gpu) as profiled:
+                summary = train.run(cfg, run_dir)
+        else:
+            summary = train.run(cfg, run_dir)
+    finally:
+        train.STEP_HOOK = None
+    # graphs compiled after the first step: recompiles as the window, mask rate or batch change (want 0);
+    # None when the ranks ran in child processes (hardware.gpus > 1), whose counters are not visible here
+    recompiles = graphs["last"] - graphs["first"] if graphs["first"] is not None else None
     times = summary.get("step_times_ms") or []
     steady = times[bench["warmup"]:] if len(times) > bench["warmup"] else times
     import numpy as np
@@ -112,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         "flops_per_token": fpt, "mean_context": summary.get("mean_context"),
         "mfu": float(tps * fpt / (bench["peak_tflops"] * 1e12)) if cfg.hardware.device != "cpu" else None,
         "time_to_first_step_s": summary.get("time_to_first_step"), "compile_s": summary.get("compile_seconds"),
-        "peak_memory_gib": summary.get("peak_memory_gib"), "loader_wait_frac": summary.get("loader_wait_frac"),
+        "peak_memory_gib": summary.get("peak_memory_gib"), "recompiles_after_first_step": recompiles,
+        "loader_wait_frac": summary.get("loader_wait_frac"),
         "bench_wall_s": time.time() - t0, "run_dir": str(run_dir),
     }
     if profiled.get("table"):

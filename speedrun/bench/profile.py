@@ -1,6 +1,6 @@
 """Where a training step's time goes: `python -m speedrun.bench ... bench.profile=TRACE.json`.
 
-The benchmark hands `speedrun.train.STEP_HOOK` the profiler's `step`, so the steps after the
+The benchmark calls the profiler's `step` from `speedrun.train.STEP_HOOK`, so the steps after the
 warm-up are recorded with `torch.profiler` (the compile and warm-up steps are not). `kernel_table`
 groups the recorded kernels (CUDA) or operators (CPU) by what they do and prints milliseconds per
 optimizer step, biggest first; the Chrome trace goes to TRACE.json (open it in https://ui.perfetto.dev).
@@ -70,12 +70,11 @@ def format_table(table: dict, on_device: bool) -> str:
 
 @contextmanager
 def profiling(trace_path: str, skip_steps: int, active_steps: int, cuda: bool):
-    """Profile `active_steps` optimizer steps after `skip_steps` (warm-up), through train.STEP_HOOK.
-    Yields a dict that holds {'table': ..., 'text': ...} once the block ends."""
+    """Profile `active_steps` optimizer steps after `skip_steps` (warm-up). Yields a dict whose 'hook'
+    must be called after every optimizer step (train.STEP_HOOK); it holds {'table': ..., 'text': ...}
+    once the block ends."""
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
-
-    from .. import train
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     result: dict = {}
@@ -88,11 +87,10 @@ def profiling(trace_path: str, skip_steps: int, active_steps: int, cuda: bool):
     prof = profile(activities=activities, on_trace_ready=on_ready,
                    schedule=schedule(wait=max(0, skip_steps - 1), warmup=1, active=active_steps, repeat=1))
     prof.start()
-    train.STEP_HOOK = lambda step: prof.step()
+    result["hook"] = lambda step: prof.step()
     try:
         yield result
     finally:
-        train.STEP_HOOK = None
         try:
             prof.stop()
         except Exception:  # the schedule already finished: stop() has nothing left to do
