@@ -116,6 +116,13 @@ def build_model(cfg: RunConfig) -> nn.Module:
     return ProteinLM(cfg.model)
 
 
+def max_segment_len(cfg: RunConfig) -> int:
+    """The bound `set_attention_backend` may rely on: data.max_length when the sliding window can never
+    bind (every document fits in it, for the whole run), else 0."""
+    never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
+    return cfg.data.max_length if never_binds else 0
+
+
 def window_at(cfg: RunConfig, step: int) -> int:
     """Sliding window at `step`: window_start -> window_end (default data.max_length), in multiples of 128."""
     start = cfg.train.window_start
@@ -291,8 +298,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
     evalset = EvalSet.build(valid_files, eval_T, cfg.data.max_length, cfg.eval.max_tokens, cfg.eval.seed, rows=rows)
 
     model = build_model(cfg).to(device)
-    window_never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
-    backend = model.set_attention_backend(device, cfg.data.max_length if window_never_binds else 0)
+    backend = model.set_attention_backend(device, max_segment_len(cfg))
     if cfg.hardware.fp8:
         why = fp8_supported(device) or (None if hasattr(model, "enable_fp8") else
                                         f"model.arch={cfg.model.arch} has no FP8 path (unet and transformer have)")

@@ -32,18 +32,24 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
-def parse(argv: list[str]) -> tuple[list[str], dict]:
-    bench = {"steps": 20, "warmup": 3, "peak_tflops": 793.0, "out": None, "profile": None}
-    overrides = []
+def split_options(argv: list[str], prefix: str, defaults: dict) -> tuple[list[str], dict]:
+    """Split `PREFIX.key=value` tool options from Hydra overrides. Each value takes the type of its
+    default (None: a string); an unknown key fails with one line listing the known ones."""
+    opts, overrides = dict(defaults), []
     for a in argv:
-        if a.startswith("bench."):
-            k, _, v = a[len("bench."):].partition("=")
-            if k not in bench:
-                raise SystemExit(f"error: unknown bench option bench.{k}: choose from {', '.join(bench)}")
-            bench[k] = v if k in ("out", "profile") else float(v) if k == "peak_tflops" else int(v)
+        if a.startswith(prefix + "."):
+            k, _, v = a[len(prefix) + 1:].partition("=")
+            if k not in opts:
+                raise SystemExit(f"error: unknown {prefix} option {prefix}.{k}: choose from {', '.join(opts)}")
+            opts[k] = v if defaults[k] is None else type(defaults[k])(v)
         else:
             overrides.append(a)
-    return overrides, bench
+    return overrides, opts
+
+
+def parse(argv: list[str]) -> tuple[list[str], dict]:
+    return split_options(argv, "bench", {"steps": 20, "warmup": 3, "peak_tflops": 793.0, "out": None,
+                                         "profile": None})
 
 
 def compose(overrides: list[str]):

@@ -20,17 +20,9 @@ import torch
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict]:
-    opts = {"batches": 2, "loss_tol": 2e-3, "cos_tol": 0.999, "out": None}
-    overrides = []
-    for a in argv:
-        if a.startswith("parity."):
-            k, _, v = a[len("parity."):].partition("=")
-            if k not in opts:
-                raise SystemExit(f"error: unknown parity option parity.{k}: choose from {', '.join(opts)}")
-            opts[k] = v if k == "out" else int(v) if k == "batches" else float(v)
-        else:
-            overrides.append(a)
-    return overrides, opts
+    from .__main__ import split_options
+
+    return split_options(argv, "parity", {"batches": 2, "loss_tol": 2e-3, "cos_tol": 0.999, "out": None})
 
 
 def loss_and_grads(model, batch, backend_window, dtype) -> tuple[float, dict[str, torch.Tensor]]:
@@ -57,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ..data import data_files
     from ..data.loader import TrainStream
     from ..objectives import apply_objective, generator_for
-    from ..train import build_model, compile_model, seed_everything, window_at
+    from ..train import build_model, compile_model, max_segment_len, seed_everything, window_at
 
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -65,8 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed)
     eager = build_model(cfg).to(device)
     window = window_at(cfg, 0)
-    never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
-    backend = eager.set_attention_backend(device, cfg.data.max_length if never_binds else 0)
+    backend = eager.set_attention_backend(device, max_segment_len(cfg))
     # train a few random directions into the zero-initialised output matrices, so that every
     # gradient is non-trivial (at init the o/down matrices are zero and most gradients vanish)
     with torch.no_grad():
@@ -81,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     stream = TrainStream(data_files(cfg.data, "train"), cfg.hardware.micro_batch_tokens, cfg.data.max_length,
                          cfg.data.seed)
     window_t = torch.tensor(window, dtype=torch.int32, device=device)
+    bw = window_t if backend == "flex" else window  # what make_context takes on this back-end
     rows = []
     for i in range(opts["batches"]):
         tok, did = stream.next_batch()
@@ -88,7 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
         doc_ids = torch.from_numpy(did).to(device)
         m = apply_objective(cfg.objective, tokens, doc_ids, 0, generator_for(device, cfg.seed, i))
         batch = (m.inputs, doc_ids, m.labels, window_t)
-        bw = window_t if backend == "flex" else window
         le, ge = loss_and_grads(eager, batch, bw, dtype)
         lf, gf = loss_and_grads(fast, batch, bw, dtype)
         a = torch.cat([ge[n].flatten() for n in ge])
