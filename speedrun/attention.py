@@ -5,14 +5,16 @@ All back-ends share one mask definition, `allowed(q, k)`:
     same segment (equal doc id)  and  |q - k| < window
 
 Segments are the runs of `doc_ids` (one id per token): documents 0, 1, 2... and the padding
-(id -1) at the end of the stream, which forms one segment of its own — so padding never influences
-a real token and no row is ever fully masked (no NaNs).
+(id -1) at the end of the stream, which forms a segment of its own (cut into pieces no longer than
+the kernel's bound on the varlen path) — so padding never influences a real token and no row is ever
+fully masked (no NaNs).
 
 * **varlen** — FlashAttention's variable-length kernel (`torch.nn.attention.varlen.varlen_attn`)
   with cumulative segment offsets: exact work (sum of L_i^2), no block padding. Used on CUDA when the
   window cannot bind (every document is at most `data.max_length` <= window tokens long), which is the
   reference recipe's case (max length 1024, window 1024). Offsets have a fixed size (at most
-  `max_segments` documents per micro-batch, enforced by the loader) so shapes stay static.
+  `packing.max_docs` documents per micro-batch, enforced by the loader, then the padding in pieces of
+  at most the bound) so shapes stay static.
 * **flex** — FlexAttention with a block mask built from the rule (128-token blocks), compiled; the
   general CUDA path, with the window as a tensor so its schedule never recompiles.
 * **sdpa** — `scaled_dot_product_attention` on per-segment padded batches grouped by length (work
@@ -27,6 +29,8 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .packing import max_docs, pad_segments
 
 _SDPA_GROUP_ELEMS = 1 << 21  # padded L^2 x segments per SDPA call (bounds mask memory on CPU)
 _compiled_flex = None
@@ -57,23 +61,21 @@ def varlen_available(device: torch.device) -> bool:
     return True
 
 
-def max_segments(tokens_per_batch: int) -> int:
-    """Documents allowed in one packed micro-batch (fixes the size of the varlen offsets); the loader
-    enforces the same cap (speedrun.data.loader.max_docs)."""
-    from .data.loader import max_docs
-
-    return max_docs(tokens_per_batch)
-
-
-def varlen_offsets(doc_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
-    """Cumulative segment offsets (n_segments + 2,) int32 for documents 0..n_segments-1 followed by the
-    trailing padding, computed on the device without a host sync. Unused slots are zero-length
-    segments, which the kernel skips."""
+def varlen_offsets(doc_ids: torch.Tensor, n_docs: int, bound: int) -> torch.Tensor:
+    """Cumulative segment offsets, int32, computed on the device without a host sync: documents
+    0..n_docs-1 (unused slots are zero-length segments, which the kernel skips), then the trailing
+    padding cut into `pad_segments(T, bound)` pieces of at most `bound` tokens. No segment is longer
+    than `bound`, the max_seqlen the kernel is given: rows past it would come back unwritten (garbage
+    outputs and gradients, issue 15), while padding segments inside it compute finite values that
+    nothing reads, so their gradients are exactly zero. Size: n_docs + pad_segments(T, bound) + 1."""
     d = doc_ids.reshape(-1).long()
-    is_pad = d < 0
-    counts = torch.zeros(n_segments + 1, dtype=torch.int32, device=d.device)
-    counts.scatter_add_(0, torch.where(is_pad, n_segments, d), torch.ones_like(d, dtype=torch.int32))
-    return torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+    T = d.numel()
+    counts = torch.zeros(n_docs, dtype=torch.int32, device=d.device)
+    counts.scatter_add_(0, d.clamp(min=0), (d >= 0).to(torch.int32))
+    ends = counts.cumsum(0, dtype=torch.int32)
+    steps = torch.arange(1, pad_segments(T, bound) + 1, dtype=torch.int32, device=d.device) * bound
+    pad_ends = (ends[-1:] + steps).clamp(max=T)
+    return F.pad(torch.cat((ends, pad_ends)), (1, 0))
 
 
 def _flex_fn(device: torch.device):
@@ -101,12 +103,12 @@ def build_context(doc_ids: torch.Tensor, window: int | torch.Tensor, backend: st
                   max_len: int = 0) -> AttnContext:
     """Build the mask structures for `doc_ids` (T,) and the sliding `window` (tokens).
 
-    varlen needs `max_len`, an upper bound on a document's length that is at most the window (the
-    trailing padding segment may be longer: its outputs are never used)."""
+    varlen needs `max_len`, an upper bound on a document's length that is at most the window; the
+    trailing padding is cut into segments no longer than it (varlen_offsets)."""
     if backend == "varlen":
         if max_len <= 0:
             raise ValueError("the varlen back-end needs max_len, a bound on every segment's length")
-        return AttnContext("varlen", offsets=varlen_offsets(doc_ids, max_segments(doc_ids.numel())),
+        return AttnContext("varlen", offsets=varlen_offsets(doc_ids, max_docs(doc_ids.numel()), int(max_len)),
                            max_len=int(max_len))
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask

@@ -125,7 +125,7 @@ def embed(model, sequences: Union[str, Iterable[str]], *, layer: Layer = -1, poo
     order = sorted(range(len(pieces)), key=lambda p: (-pieces[p][3].size, p))
 
     # ---- pack into streams of <= batch_tokens tokens ----
-    from .data.loader import max_docs
+    from .packing import max_docs
 
     cap = max_docs(batch_tokens)  # the varlen attention kernel's fixed number of segments per stream
     streams, current, used = [], [], 0

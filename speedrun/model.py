@@ -174,9 +174,9 @@ class ProteinLM(nn.Module):
 
     def set_attention_backend(self, device: torch.device, max_segment_len: int = 0) -> str:
         """Choose the attention back-end (see attention.py). `max_segment_len` > 0 promises that no
-        segment of a packed batch (document or trailing padding) is longer — and that the window never
-        binds — which allows FlashAttention's varlen kernel on CUDA; otherwise FlexAttention on CUDA
-        and SDPA elsewhere."""
+        document of a packed batch is longer — and that the window never binds — which allows
+        FlashAttention's varlen kernel on CUDA (the trailing padding is cut into pieces that fit);
+        otherwise FlexAttention on CUDA and SDPA elsewhere."""
         want = self.cfg.attention
         if want in ("flex", "varlen") and not flex_available(device):
             raise RuntimeError(f"model.attention={want} needs CUDA (device is {device}): use model.attention=auto")

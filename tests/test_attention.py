@@ -66,13 +66,107 @@ def test_sdpa_gradients_flow():
 
 
 def test_varlen_offsets_describe_the_segments():
-    from speedrun.attention import max_segments, varlen_offsets
+    from speedrun.attention import varlen_offsets
+    from speedrun.packing import max_docs
 
     _, _, _, doc = _packed()  # documents of 30, 7, 40 tokens, then 19 tokens of padding
-    off = varlen_offsets(doc, 8)
-    assert off.dtype == torch.int32 and off.shape == (10,)
-    assert off.tolist() == [0, 30, 37, 77, 77, 77, 77, 77, 77, 96]  # unused slots are empty segments
-    assert max_segments(65536) == 1024
+    off = varlen_offsets(doc, 8, 64)
+    assert off.dtype == torch.int32 and off.shape == (8 + 2 + 1,)
+    # unused document slots are empty segments; the padding is cut at the bound (here one piece)
+    assert off.tolist() == [0, 30, 37, 77, 77, 77, 77, 77, 77, 96, 96]
+    assert max_docs(65536) == 1024
+
+
+def _short_docs(T: int, n_docs: int, length: int) -> torch.Tensor:
+    """doc ids of `n_docs` documents of `length` tokens, then padding: a batch at the document cap."""
+    doc = torch.full((T,), -1, dtype=torch.int32)
+    doc[: n_docs * length] = torch.arange(n_docs, dtype=torch.int32).repeat_interleave(length)
+    return doc
+
+
+def test_varlen_segments_never_exceed_the_bound():
+    """A batch that hits the document cap (short peptides) leaves more padding than the kernel's bound:
+    the padding must come in pieces no longer than the bound (issue 15: rows past it came back unwritten)."""
+    from speedrun.attention import varlen_offsets
+    from speedrun.packing import max_docs
+
+    T, bound = 4096, 256
+    doc = _short_docs(T, max_docs(T), 20)  # 64 documents of 20 tokens, 2,816 tokens of padding
+    off = varlen_offsets(doc, max_docs(T), bound).tolist()
+    lengths = [b - a for a, b in zip(off, off[1:])]
+    assert off[0] == 0 and off[-1] == T and min(lengths) >= 0
+    assert max(lengths) <= bound
+    assert off[1:max_docs(T) + 1] == [20 * (i + 1) for i in range(max_docs(T))]
+
+
+def emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **_):
+    """FlashAttention's varlen contract on the CPU: each segment attends within itself, but only its
+    first max_k keys are read and only its first max_q rows are written; the rest stays uninitialised
+    (NaN here), as on the GPU."""
+    outs, offs = [], cu_q.tolist()
+    for a, b in zip(offs[:-1], offs[1:]):
+        rows, keys = min(b - a, max_q), min(b - a, max_k)
+        s = torch.einsum("qhd,khd->hqk", q[a:a + rows], k[a:a + keys]) / q.size(-1) ** 0.5
+        outs.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v[a:a + keys]))
+        outs.append(torch.full((b - a - rows, *q.shape[1:]), float("nan"), dtype=q.dtype))
+    return torch.cat(outs)
+
+
+def _grads_of(model, tokens, doc, labels):
+    """Loss, parameter gradients and the gradient reaching the input embeddings, per row."""
+    from speedrun.objectives import dense_loss
+
+    model.zero_grad(set_to_none=True)
+    seen = {}
+
+    def keep_grad(module, args, out):
+        out.register_hook(lambda grad: seen.update(g=grad))
+
+    hook = model.embed.register_forward_hook(keep_grad)
+    loss = dense_loss(model.logits(model(tokens, doc, 1024)), labels)
+    loss.backward()
+    hook.remove()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, seen["g"]
+
+
+@pytest.mark.parametrize("where", ["cpu-emulated", "cuda"])
+def test_padding_past_the_document_cap_gives_exact_gradients(where, monkeypatch):
+    """Forward and backward of a batch at the document cap: the gradients equal those of the same
+    documents without padding, and the padding contributes exactly zero (issue 15, item 1)."""
+    from speedrun.config import ModelConfig
+    from speedrun.model import ProteinLM
+    from speedrun.objectives import IGNORE
+    from speedrun.packing import max_docs
+
+    if where == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the real varlen kernel needs CUDA (run on the GPU machine)")
+    device = torch.device("cuda" if where == "cuda" else "cpu")
+    if where != "cuda":
+        import torch.nn.attention.varlen as varlen
+
+        monkeypatch.setattr(varlen, "varlen_attn", emulated_varlen)
+    torch.manual_seed(0)
+    model = ProteinLM(ModelConfig(arch="unet", dim=64, n_layers=2, n_heads=2, mlp_ratio=2.0)).to(device)
+    model.attn_backend, model.max_segment_len = "varlen", 256
+    T, n, length = 4096, max_docs(4096), 20
+    doc = _short_docs(T, n, length).to(device)
+    g = torch.Generator().manual_seed(1)
+    real = n * length
+    tokens = torch.full((T,), 1, dtype=torch.long)  # <pad>
+    tokens[:real] = torch.randint(4, 24, (real,), generator=g)
+    labels = torch.full((T,), IGNORE, dtype=torch.long)
+    picked = torch.rand(real, generator=g) < 0.2
+    labels[:real] = torch.where(picked, tokens[:real], torch.full_like(tokens[:real], IGNORE))
+    tokens, labels = tokens.to(device), labels.to(device)
+    loss, grads, x_grad = _grads_of(model, tokens, doc, labels)
+    model.attn_backend = "sdpa"  # the reference: the same documents without padding, exact attention
+    loss_ref, grads_ref, x_grad_ref = _grads_of(model, tokens[:real], doc[:real], labels[:real])
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), f"{name}: non-finite gradient"
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.equal(x_grad[real:], torch.zeros_like(x_grad[real:]))  # padding contributes exactly zero
+    torch.testing.assert_close(x_grad[:real], x_grad_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_varlen_matches_sdpa_on_cuda():

@@ -43,6 +43,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from ..packing import max_docs
 from ..vocab import PAD
 from .shards import DataError, doc_bounds, open_shard
 
@@ -110,14 +111,6 @@ class _View:
     @property
     def n(self) -> int:
         return int(self.docs.size)
-
-
-def max_docs(tokens_per_batch: int) -> int:
-    """The most documents one packed batch may hold: T // 64 (at least 8). It fixes the size of the
-    attention kernel's segment offsets (speedrun.attention, varlen back-end), so shapes stay static;
-    real data almost never reaches it (that would take a batch of documents averaging < 64 tokens), and
-    when it does the batch is simply closed early."""
-    return max(8, tokens_per_batch // 64)
 
 
 class _DocCursor:
