@@ -31,8 +31,7 @@ LOGGERS = ("auto", "none", "wandb")
 PROGRESS = ("auto", "bar", "plain")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message is one line and names the fix."""
+from .errors import ConfigError  # noqa: E402,F401  (re-exported: a configuration that cannot run)
 
 
 @dataclass

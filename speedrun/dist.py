@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .errors import SpeedrunError
+
 
 @dataclass
 class DistInfo:
@@ -107,7 +109,7 @@ def init(device_pref: str, mode: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, mode=mode)
 
 
-class RankFailed(RuntimeError):
+class RankFailed(SpeedrunError):
     """A spawned rank failed. str() is one line (`rank R: Type: message`); `details` holds the rank's full
     traceback, for a log file rather than the console."""
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .errors import SpeedrunError
 from .model import ProteinLM
 
 FORMAT = "speedrun-plm"
@@ -61,7 +62,7 @@ _CARD_METRICS = (
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(SpeedrunError):
     """A run or folder that cannot be exported or loaded. One line, naming the path and the fix."""
 
 

@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import checkpoint as ckpt
+from .errors import SpeedrunError
 from .config import ModelConfig
 from .objectives import generator_for
 from .vocab import CLS, EOS, MASK, PAD, TOKEN_TO_ID, TOKENS
@@ -55,7 +56,7 @@ MASK_MARKS = "_#"
 USAGE = __doc__.split("\n\n")[1]
 
 
-class GenerateError(RuntimeError):
+class GenerateError(SpeedrunError):
     """A generation request that cannot run. The message is one line and names the fix."""
 
 

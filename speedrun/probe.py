@@ -50,6 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import SpeedrunError
+
 from .probe_tasks import SPLITS, ProbeDataError, ProbeTask, load_task, task_name
 
 DEFAULT_TASKS = ("ss3", "meltome", "solubility")
@@ -61,7 +63,7 @@ CANONICAL = "ACDEFGHIKLMNPQRSTVWY"
 _VOCAB_RESIDUES = set("ACDEFGHIKLMNPQRSTVWYXBZUO")
 
 
-class ProbeError(RuntimeError):
+class ProbeError(SpeedrunError):
     """A probe that cannot run (bad option, unreadable run). One line, naming the fix."""
 
 

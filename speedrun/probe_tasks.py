@@ -49,6 +49,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .errors import SpeedrunError
+
 DEFAULT_DATA_DIR = "/work/shared/data/probes"
 DATA_ENV = "SPEEDRUN_PROBE_DATA"
 AAANALYSIS_HINT = "pip install --no-deps aaanalysis==1.0.3"
@@ -59,7 +61,7 @@ FOLD_SEED = 20240520  # homology folds depend on the data only, never on a run's
 RESIDUES = "ACDEFGHIKLMNPQRSTVWYXBZUO"  # the residue letters of the ESM vocabulary
 
 
-class ProbeDataError(RuntimeError):
+class ProbeDataError(SpeedrunError):
     """Task data is missing or malformed. The message is one line: the file and how to get it."""
 
 

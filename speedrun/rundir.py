@@ -20,7 +20,6 @@ one line naming the file and the fix, which launch.py (speedrun/task.py) prints 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -28,10 +27,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from .errors import CheckpointError  # noqa: F401  (re-exported)
+from . import fsutil
+from .fsutil import WriteError, json_clean, read_json, write_failure  # noqa: F401  (write_failure: re-exported)
 
 _ENV_ALLOW = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_NNODES",
               "SLURM_NTASKS", "SLURM_JOB_PARTITION", "SLURM_RESTART_COUNT", "CUDA_VISIBLE_DEVICES",
@@ -39,80 +41,27 @@ _ENV_ALLOW = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLUR
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe values: NaN/inf become None (JSON has no NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+_RUN_FIX = "choose another run directory (hydra.run.dir=...), then resume the run"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read. One line, naming the path and the fix.
-    (Defined here, torch-free, so that run-directory write errors can share it; speedrun.checkpoint
-    re-exports it.)"""
-
-
-class RunDirWriteError(CheckpointError):
+class RunDirWriteError(WriteError):
     """A run-directory file (summary.json, metrics.jsonl, env.json, ...) could not be written: full disk or
     no permission. One line naming the file and the fix."""
 
 
-def write_failure(exc: OSError) -> tuple[str, str]:
-    """(what went wrong, what to do) for an OSError of a write, in words."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "the disk is full", "free space on that disk"
-    if exc.errno == errno.EROFS:
-        return "the file system is read-only", "make it writable"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied", "make the directory writable"
-    text = exc.strerror or str(exc) or type(exc).__name__
-    return text.splitlines()[0], "fix the disk or the directory"
-
-
 def _write_error(path: Path, exc: OSError) -> RunDirWriteError:
-    why, fix = write_failure(exc)
-    return RunDirWriteError(f"could not write {path}: {why} - {fix}, or choose another run directory "
-                            "(hydra.run.dir=...), then resume the run")
+    return fsutil.write_error(path, exc, _RUN_FIX, RunDirWriteError)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename). A full disk or an unwritable directory raises
+    """Write JSON atomically (fsutil.atomic_write). A full disk or an unwritable directory raises
     RunDirWriteError (one line) and leaves the previous file in place."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
-        raise
+    fsutil.write_json(path, obj, where=_RUN_FIX, error=RunDirWriteError)
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file; a full disk or an unwritable directory raises RunDirWriteError (one line)."""
-    try:
-        Path(path).write_text(text)
-    except OSError as exc:
-        raise _write_error(Path(path), exc) from exc
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    """Write a text file atomically; a full disk or an unwritable directory raises RunDirWriteError."""
+    fsutil.atomic_write(path, text, where=_RUN_FIX, error=RunDirWriteError)
 
 
 class MetricsLog:
@@ -180,7 +129,7 @@ class MetricsLog:
             return
         merge = self._last is not None and row.get("step") is not None and self._last.get("step") == row["step"]
         out = {**self._last, **row} if merge else row
-        line = (json.dumps(_clean(out)) + "\n").encode()
+        line = (json.dumps(json_clean(out)) + "\n").encode()
         try:
             with open(self.path, "ab") as f:
                 if merge:

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import dist as D
+from .errors import SpeedrunError
 from .config import ConfigError, RunConfig, batch_geometry, diff_keys, semantic_dict, signature, to_dict
 from .data import data_files
 from .data.loader import EvalSet, Prefetcher, RowStream, TrainStream
@@ -66,7 +67,7 @@ STOP_KIND = {1.0: "interrupted", 2.0: "preempted", 3.0: "time_limit"}
 STEP_HOOK: Optional[Callable[[int], None]] = None
 
 
-class RunFailed(RuntimeError):
+class RunFailed(SpeedrunError):
     """The run stopped with status 'failed' (summary.json holds the reason); exit code is non-zero."""
 
 

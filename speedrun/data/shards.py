@@ -19,16 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError  # noqa: F401  (re-exported: missing, corrupt or unreadable data)
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 SPLITS = ("train", "valid", "test")
 _NAME_RE = re.compile(r"^(?P<name>.+)_(?P<split>train|valid|test)_(?P<index>\d{6})\.bin$")
-
-
-class DataError(RuntimeError):
-    """Missing, corrupt or unreadable data. The message is one line and names the file and the fix."""
 
 
 def shard_name(name: str, split: str, index: int) -> str:
