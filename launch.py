@@ -15,7 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from speedrun.config import check_overrides, register_schema
+from speedrun.config import register_schema
+from speedrun.overrides import check_overrides
 
 ROOT = Path(__file__).resolve().parent
 register_schema()
@@ -38,14 +39,19 @@ def helper_groups() -> set:
 
 
 def _hide_helper_groups() -> None:
-    """Leave helper_groups() out of --help's group list ($APP_CONFIG_GROUPS, which Hydra builds itself)."""
+    """Leave helper_groups() out of --help's group list ($APP_CONFIG_GROUPS, which Hydra builds itself), and
+    the schema nodes (`schema`, `schema_<option>`: the dataclasses the presets extend) out of each group's options."""
     from hydra._internal.hydra import Hydra
 
     hidden = helper_groups()
-    original = Hydra.format_config_groups
 
     def format_config_groups(self, predicate, compact=True):
-        return original(self, lambda g: predicate(g) and g.split("/")[0] not in hidden, compact)
+        lines = []
+        for group in sorted(g for g in self.list_all_config_groups() if predicate(g) and g.split("/")[0] not in hidden):
+            options = sorted(o for o in self.config_loader.get_group_options(group) if not o.startswith("schema"))
+            lines.append(f"{group}: {', '.join(options)}" if compact else
+                         f"{group}:\n" + "\n".join(f"  {o}" for o in options))
+        return "".join(line + "\n" for line in lines)
 
     Hydra.format_config_groups = format_config_groups
 

@@ -1,107 +1,340 @@
-"""The typed configuration schema of a run.
+"""The typed configuration schema of a run: one dataclass per option, the one place for defaults.
 
-Every Hydra config group (`conf/model`, `conf/optimizer`, ...) fills one of the dataclasses below.
-The composed Hydra config is merged onto `RunConfig` with OmegaConf's structured-config machinery,
-so an unknown key or a value of the wrong type fails *before anything runs*, naming the key. The
-trainer then receives plain dataclass objects (never a DictConfig) and never imports Hydra.
+Each Hydra config group fills one dataclass. Groups with alternatives (`model`, `optimizer`,
+`objective`) have one dataclass per option — `UNetConfig`, `MuonConfig`, `DiffusionConfig`, ... — each
+registered in Hydra's ConfigStore as `<group>/schema_<option>`; a preset under `conf/<group>/` extends
+one (`defaults: [schema_unet, _self_]`) and sets only what differs from it. So a key that does not
+belong to the chosen option (`objective=mlm objective.eps=0.1`) or a value of the wrong type fails
+while Hydra composes, before anything runs, and every default lives here and nowhere else.
+
+The trainer receives plain dataclass objects (never a DictConfig) and never imports Hydra:
+`from_container` turns a composed config (or a plain dict: a saved `reproduce.yaml`, a checkpoint's
+config) into a validated `RunConfig`, picking each polymorphic group's dataclass by its discriminator
+(`model.arch`, `optimizer.name`, `objective.name`).
+
+Static validation lives beside each dataclass (`check()`), cross-field rules in `validate()`; both
+raise `ConfigError` with one line that names the fix. Runtime checks that need the device or the data
+(memory, attention back-end, FP8, splits) are in `speedrun/preflight.py`.
+
+Keys renamed in 0.2 (`RENAMED`) fail on the command line with a message naming the new key; a saved
+flat config of an earlier version is migrated (`migrate_legacy`), so old runs still resume.
 
 This module imports only the standard library and omegaconf: `launch.py --help` and every Hydra
 composition stay fast, and the schema pickles cleanly into SLURM jobs and spawned ranks.
-
-Cross-field rules live in `validate()`, which raises `ConfigError` with a one-line message that
-names the fix.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional
 
-MODEL_ARCHS = ("unet", "transformer", "patch_unet")
-OPTIMIZERS = ("muon", "adamw")
-OBJECTIVES = ("mlm", "diffusion", "mlm_to_diffusion")
-RAMPS = ("step", "linear")
-SCHEDULES = ("cosine", "wsd", "constant")
+from omegaconf import MISSING
+
+from .errors import ConfigError  # noqa: F401  (re-exported: a configuration that cannot run)
+
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION = ("auto", "varlen", "flex", "sdpa")
+ATTENTION = ("auto", "fa4", "varlen", "flex", "sdpa")
 HEADS = ("mlp", "linear")
+RAMPS = ("step", "linear")
+SCHEDULES = ("cosine", "wsd", "constant")
 RESUME = ("auto", "never", "must")
 LOGGERS = ("auto", "none", "wandb")
 PROGRESS = ("auto", "bar", "plain")
+SEED_LIMIT = 2**63
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-from .errors import ConfigError  # noqa: E402,F401  (re-exported: a configuration that cannot run)
+def _choice(value: str, allowed: tuple, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}: set {key} to one of them")
 
 
+def _positive(value, key: str, minimum=1) -> None:
+    if not value >= minimum:  # also rejects NaN
+        raise ConfigError(f"{key}={value} must be at least {minimum}")
+
+
+def _fraction(value: float, key: str, low_open: bool = True, high_open: bool = True) -> None:
+    ok = (value > 0.0 if low_open else value >= 0.0) and (value < 1.0 if high_open else value <= 1.0)
+    if not ok:  # NaN fails both comparisons
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ConfigError(f"{key}={value} must be in {lo}0, 1{hi}")
+
+
+def _learning_rate(value: float, key: str) -> None:
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ConfigError(f"{key}={value} must be a finite learning rate >= 0 (0 freezes that group)")
+
+
+def _seed(value: int, key: str) -> None:
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{key}={value} must be in [0, 2**63): choose a smaller seed")
+
+
+# ================================================ model ============================================
 @dataclass
 class ModelConfig:
-    arch: str = "unet"  # unet | transformer (plain ESM-style stack)
+    """What every architecture has. `arch` picks the option (and the dataclass below)."""
+    arch: str = MISSING
     dim: int = 768
     n_layers: int = 24
     n_heads: int = 6
-    mlp_ratio: float = 8 / 3  # hidden = ceil(mlp_ratio * dim / mlp_multiple) * mlp_multiple
-    mlp_multiple: int = 256
     vocab_size: int = 33
-    value_embeddings: bool = True  # UNet only: one table per encoder layer, reused by its decoder twin
-    tie_embeddings: bool = False  # LM-head decoder shares the token-embedding matrix
-    head: str = "mlp"  # mlp: dense->GELU->decoder+bias (current reference); linear: zero-init d x V (Dec-2024)
-    soft_cap: float = 32.0  # tanh logit soft-cap c*tanh(z/c); 0 disables
-    token_dropout: bool = True  # zero the <mask> embedding (ESM-style; the rescale is cancelled by the norm)
+    token_dropout: bool = True  # zero the <mask> embedding (ESM-2 also rescales; see ESM2Config)
     rope_base: float = 10000.0
-    attention: str = "auto"  # auto: varlen FlashAttention or FlexAttention on CUDA, SDPA elsewhere (one mask rule)
-    # Patch-UNet (arch=patch_unet, RECIPE.md §4.4): n_layers UNet levels (half encoder, half decoder)
-    # over (B, L) rows with L = data.max_length, then n_extra_layers full-resolution blocks
-    n_extra_layers: int = 0
+    attention: str = "auto"  # auto: fa4 -> varlen -> flex on CUDA by what is installed, sdpa elsewhere
+
+    def check(self) -> None:
+        _choice(self.attention, ATTENTION, "model.attention")
+        _positive(self.n_layers, "model.n_layers")
+        _positive(self.n_heads, "model.n_heads")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: change one of them")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"head dim {self.dim // self.n_heads} must be even for RoPE: change model.dim or "
+                              "model.n_heads")
+        if self.vocab_size < 33:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} is smaller than the 33-token ESM vocabulary")
 
 
 @dataclass
+class ReferenceFamilyConfig(ModelConfig):
+    """The reference's family (RECIPE.md §4): ReLU² MLP, weight-free RMS norms, soft-capped head."""
+    mlp_ratio: float = 8 / 3  # hidden = ceil(mlp_ratio * dim / mlp_multiple) * mlp_multiple
+    mlp_multiple: int = 256
+    tie_embeddings: bool = False  # the head's decoder shares the token-embedding matrix (trained at lr_embed)
+    head: str = "mlp"  # mlp: dense->GELU->decoder+bias (current reference); linear: zero-init d x V (Dec-2024)
+    soft_cap: float = 32.0  # tanh logit soft-cap c*tanh(z/c); 0 disables
+
+    def check(self) -> None:
+        super().check()
+        _choice(self.head, HEADS, "model.head")
+        if self.tie_embeddings and self.head == "linear":
+            raise ConfigError("model.tie_embeddings=true needs model.head=mlp (the linear head is zero-initialised)")
+
+
+@dataclass
+class UNetConfig(ReferenceFamilyConfig):
+    """The reference UNet: d=768, 24 layers, 6 heads, MLP 8/3 -> 133,065,357 parameters."""
+    arch: str = "unet"
+    value_embeddings: bool = True  # one table per encoder layer, reused by its decoder twin
+
+    def check(self) -> None:
+        super().check()
+        if self.n_layers % 2:
+            raise ConfigError(f"model.arch=unet needs an even model.n_layers (got {self.n_layers})")
+
+
+@dataclass
+class TransformerConfig(ReferenceFamilyConfig):
+    """The same stack without λ mixing, value embeddings or skips (the reference's --unet False)."""
+    arch: str = "transformer"
+
+
+@dataclass
+class PatchUNetConfig(ReferenceFamilyConfig):
+    """The Swin-style Patch-UNet over (B, L) rows (RECIPE.md §4.4): 212,279,127 parameters."""
+    arch: str = "patch_unet"
+    n_layers: int = 12  # UNet levels: half encoder, half decoder
+    n_heads: int = 12
+    mlp_ratio: float = 2.0
+    token_dropout: bool = False
+    value_embeddings: bool = True
+    n_extra_layers: int = 4  # full-resolution blocks after the UNet
+
+    def check(self) -> None:
+        super().check()
+        if self.attention in ("fa4", "varlen"):
+            raise ConfigError(f"model.attention={self.attention} does not apply to model.arch=patch_unet (per-level "
+                              "row masks): use model.attention=auto")
+
+
+@dataclass
+class ESM2Config(ModelConfig):
+    """ESM-2 (Lin et al. 2023) exactly: pre-LayerNorm blocks with biases, rotary attention, GELU MLP,
+    ESM token dropout (rescaled by 0.88 / (1 - observed mask ratio)), a final LayerNorm, and the LM head
+    dense -> GELU -> LayerNorm -> decoder tied to the embeddings + bias. Sizes: conf/model/esm2_*.yaml."""
+    arch: str = "esm2"
+    dim: int = 320
+    n_layers: int = 6
+    n_heads: int = 20
+    ffn_dim: int = 0  # 0 = 4 * dim, as every published ESM-2
+    layer_norm_eps: float = 1e-5
+
+    def check(self) -> None:
+        super().check()
+        _positive(self.ffn_dim, "model.ffn_dim", 0)
+
+
+MODELS = {"unet": UNetConfig, "transformer": TransformerConfig, "patch_unet": PatchUNetConfig, "esm2": ESM2Config}
+
+
+def mlp_hidden(m: ModelConfig) -> int:
+    """Hidden width of the MLP: ceil(r*d/multiple)*multiple (the reference's correction_fn), or ESM-2's."""
+    if isinstance(m, ESM2Config):
+        return m.ffn_dim or 4 * m.dim
+    return int(math.ceil(m.mlp_ratio * m.dim / m.mlp_multiple - 1e-9)) * m.mlp_multiple
+
+
+# ============================================== optimizer ==========================================
+@dataclass
 class OptimizerConfig:
-    name: str = "muon"  # muon (hidden matrices) + Adam groups | adamw (everything)
-    # Muon for >=2-D hidden matrices
+    """What every optimizer shares: the learning-rate schedule (a multiplier on each group's lr) and clipping."""
+    name: str = MISSING
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, linear decay) | constant
+    lr_warmup_steps: int = 1000
+    cooldown_frac: float = 0.2  # wsd: fraction of steps in the final linear decay
+    min_lr_frac: float = 0.0  # floor of the multiplier at the end of the schedule
+    grad_clip: float = 0.0  # clip the global grad norm to this value; 0 = off
+    eps: float = 1e-8
+
+    def check(self) -> None:
+        _choice(self.schedule, SCHEDULES, "optimizer.schedule")
+        _positive(self.lr_warmup_steps, "optimizer.lr_warmup_steps", 0)
+        _fraction(self.cooldown_frac, "optimizer.cooldown_frac", False, False)
+        _fraction(self.min_lr_frac, "optimizer.min_lr_frac", False, False)
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(f"optimizer.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"optimizer.eps={self.eps} must be > 0")
+
+    def learning_rates(self) -> dict:
+        return {}
+
+
+def _betas(betas, key: str) -> None:
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{key}={list(betas)} must be two numbers in [0, 1)")
+
+
+@dataclass
+class MuonConfig(OptimizerConfig):
+    """Muon for the hidden matrices, Adam(0.8, 0.95) for embeddings, head and scalars (RECIPE.md §5)."""
+    name: str = "muon"
     lr_hidden: float = 0.05
     momentum: float = 0.95
     momentum_warmup_start: float = 0.85
     momentum_warmup_steps: int = 300
     nesterov: bool = True
     ns_steps: int = 5
-    # Adam groups that go with Muon (embeddings / head / scalars)
-    lr_embed: float = 0.06
+    muon_warmup: bool = False  # the reference gives Muon no lr warm-up (Dec-2024 warmed up all four)
+    fused_qkv: bool = False  # orthogonalise q, k, v as one 3d x d matrix at lr x sqrt(3) (Dec-2024)
+    lr_embed: float = 0.06  # token and value embeddings (and a tied head's decoder)
     lr_head: float = 0.008
     lr_scalar: float = 0.04
     betas: List[float] = field(default_factory=lambda: [0.8, 0.95])
-    eps: float = 1e-8
-    # AdamW for everything (optimizer=adamw)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    # schedule: multiplier on every group's lr
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, linear decay) | constant
-    warmup_steps: int = 1000
-    muon_warmup: bool = False  # the reference gives Muon no warm-up
-    cooldown_frac: float = 0.2  # wsd: fraction of steps in the final linear decay
-    min_lr_frac: float = 0.0  # floor of the multiplier at the end of the schedule
-    grad_clip: float = 0.0  # clip the global grad norm to this value; 0 = off
+
+    def check(self) -> None:
+        super().check()
+        for key, lr in self.learning_rates().items():
+            _learning_rate(lr, f"optimizer.{key}")
+        _betas(self.betas, "optimizer.betas")
+        _fraction(self.momentum, "optimizer.momentum", False)
+        _fraction(self.momentum_warmup_start, "optimizer.momentum_warmup_start", False)
+        _positive(self.ns_steps, "optimizer.ns_steps")
+
+    def learning_rates(self) -> dict:
+        return {"lr_hidden": self.lr_hidden, "lr_embed": self.lr_embed, "lr_head": self.lr_head,
+                "lr_scalar": self.lr_scalar}
 
 
 @dataclass
+class AdamWConfig(OptimizerConfig):
+    """One AdamW over every parameter (the reference's default without --use_muon)."""
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def check(self) -> None:
+        super().check()
+        _learning_rate(self.lr, "optimizer.lr")
+        _betas(self.betas, "optimizer.betas")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+
+    def learning_rates(self) -> dict:
+        return {"lr": self.lr}
+
+
+OPTIMIZERS = {"muon": MuonConfig, "adamw": AdamWConfig}
+
+
+# ============================================== objective ==========================================
+@dataclass
 class ObjectiveConfig:
-    name: str = "mlm"  # mlm | diffusion (DSM masked diffusion) | mlm_to_diffusion
-    mask_rate: float = 0.2  # MLM rate (and the MLM phase of mlm_to_diffusion)
+    name: str = MISSING
+
+
+def _check_rate_schedule(o) -> None:
+    _fraction(o.mask_rate, "objective.mask_rate")
+    if o.mask_rate_start is not None:
+        _fraction(o.mask_rate_start, "objective.mask_rate_start")
+    _positive(o.mask_rate_steps, "objective.mask_rate_steps", 0)
+
+
+def _check_levels(o) -> None:
+    _fraction(o.eps, "objective.eps")
+    if any(not 0.0 < lv < 1.0 for lv in o.eval_levels):
+        raise ConfigError(f"objective.eval_levels={list(o.eval_levels)} must all be in (0, 1)")
+
+
+@dataclass
+class MLMConfig(ObjectiveConfig):
+    """Masked LM at one rate (20 %, the current reference), optionally scheduled, <mask>-only or 80/10/10."""
+    name: str = "mlm"
+    mask_rate: float = 0.2
     mask_rate_start: Optional[float] = None  # with mask_rate_steps: linear schedule start -> mask_rate
     mask_rate_steps: int = 0
-    replace: bool = False  # 80/10/10 (<mask>/random/unchanged) instead of <mask>-only (MLM only)
-    eps: float = 1e-3  # diffusion: t ~ U(eps, 1) per sequence
-    warmup_steps: int = 0  # mlm_to_diffusion: steps of pure MLM before the ramp
-    ramp: str = "linear"  # mlm_to_diffusion: step (switch at once) | linear (over ramp_steps)
-    ramp_steps: int = 0  # mlm_to_diffusion: length of the linear ramp from MLM to diffusion
-    eval_levels: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # diffusion eval
+    replace: bool = False  # 80/10/10 (<mask>/random/unchanged) instead of <mask>-only
+
+    def check(self) -> None:
+        _check_rate_schedule(self)
 
 
+@dataclass
+class DiffusionConfig(ObjectiveConfig):
+    """Masked diffusion as DSM defines it: t ~ U(eps, 1) per sequence, CE weighted by 1/t."""
+    name: str = "diffusion"
+    eps: float = 1e-3
+    eval_levels: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # extra eval losses
+
+    def check(self) -> None:
+        _check_levels(self)
+
+
+@dataclass
+class MLMToDiffusionConfig(DiffusionConfig):
+    """MLM at mask_rate for mlm_steps, then a step or linear ramp (ramp_steps) to diffusion."""
+    name: str = "mlm_to_diffusion"
+    mask_rate: float = 0.2
+    mask_rate_start: Optional[float] = None
+    mask_rate_steps: int = 0
+    mlm_steps: int = 5000
+    ramp: str = "linear"  # step (switch at once) | linear (over ramp_steps)
+    ramp_steps: int = 5000
+
+    def check(self) -> None:
+        _check_levels(self)
+        _check_rate_schedule(self)
+        _choice(self.ramp, RAMPS, "objective.ramp")
+        _positive(self.mlm_steps, "objective.mlm_steps", 0)
+        _positive(self.ramp_steps, "objective.ramp_steps", 0)
+
+
+OBJECTIVES = {"mlm": MLMConfig, "diffusion": DiffusionConfig, "mlm_to_diffusion": MLMToDiffusionConfig}
+#: group -> (discriminator key, {option: dataclass}); the group's dataclass is picked by the key's value
+POLYMORPHIC = {"model": ("arch", MODELS), "optimizer": ("name", OPTIMIZERS), "objective": ("name", OBJECTIVES)}
+
+
+# =========================================== the other groups ======================================
 @dataclass
 class DataConfig:
     name: str = "sample"  # the embedded Swiss-Prot 2014 sample, or a shard-folder dataset
     path: Optional[str] = None  # folder of *_train_*.bin / *_valid_*.bin / *_test_*.bin shards
-    max_length: int = 1024  # training crop length in tokens (specials included); long docs are cropped
+    max_length: int = 1024  # tokens (specials included): training documents are cropped to it (see crop)
     seed: int = 0  # data order (per-epoch reshuffle)
     prefetch: int = 2  # batches prepared ahead by the background loader thread
     # where downloaded / prepared datasets live; the dataset configs set path: ${data.root}/<folder>
@@ -112,20 +345,50 @@ class DataConfig:
     num_chunks: int = 0  # train shards (~1e8 tokens each) to download and train on; 0 = every one there is
     revision: Optional[str] = None  # hub branch / tag / commit to download (null = main)
 
+    def check(self) -> None:
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length={self.max_length} is too small: use at least 8 tokens")
+        _seed(self.seed, "data.seed")
+        _positive(self.prefetch, "data.prefetch")
+        _positive(self.num_chunks, "data.num_chunks", 0)
+        if self.name != "sample" and not self.path:
+            raise ConfigError(f"data={self.name} needs a shard folder: pass data.path=DIR")
+
 
 @dataclass
 class HardwareConfig:
     device: str = "auto"  # auto | cpu | cuda
-    gpus: int = 1  # ranks on this node (spawned by launch.py)
+    gpus: int = 1  # ranks per node (spawned by launch.py, or one SLURM task each)
+    nodes: int = 1  # SLURM nodes: the launcher asks for this many, the batch arithmetic counts nodes x gpus
     precision: str = "fp32"  # fp32 | bf16 (bf16 activations, fp32 master weights)
     compile: bool = False
     compile_scope: str = "blocks"  # blocks: each block (one graph for all layers, fast compile) | model
-    memory_budget: float = 1.0  # torch.compile activation memory budget in (0, 1]: < 1 recomputes cheap ops to save memory
+    memory_budget: float = 1.0  # torch.compile activation memory budget in (0, 1]: < 1 recomputes cheap ops
     fp8: bool = False  # FP8 GEMMs (dynamic per-tensor scales) for the blocks' matrices; needs precision=bf16
-    micro_batch_tokens: int = 4096  # tokens per rank per forward/backward
+    micro_batch_tokens: int = 8192  # tokens per rank per forward/backward
     grad_accum: Optional[int] = None  # derived from train.batch_tokens when null
-    num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave as is
-    warmup_steps: int = 0  # untimed compile warm-up steps (state restored afterwards)
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = one per CPU this process may use
+    compile_warmup_steps: int = 0  # untimed compile warm-up steps (state restored afterwards)
+
+    def check(self) -> None:
+        _choice(self.precision, PRECISIONS, "hardware.precision")
+        _choice(self.device, DEVICES, "hardware.device")
+        _choice(self.compile_scope, ("blocks", "model"), "hardware.compile_scope")
+        _positive(self.gpus, "hardware.gpus")
+        _positive(self.nodes, "hardware.nodes")
+        _positive(self.micro_batch_tokens, "hardware.micro_batch_tokens", 8)
+        _positive(self.num_threads, "hardware.num_threads", 0)
+        _positive(self.compile_warmup_steps, "hardware.compile_warmup_steps", 0)
+        if self.grad_accum is not None:
+            _positive(self.grad_accum, "hardware.grad_accum")
+        if not 0.0 < self.memory_budget <= 1.0:
+            raise ConfigError(f"hardware.memory_budget={self.memory_budget} must be in (0, 1] (1 = save every "
+                              "activation the compiler wants; lower trades recompute for memory)")
+        if self.fp8 and self.precision != "bf16":
+            raise ConfigError("hardware.fp8=true needs hardware.precision=bf16 (FP8 GEMMs take bf16 activations)")
+        if self.fp8 and self.micro_batch_tokens % 16:
+            raise ConfigError(f"hardware.fp8=true needs hardware.micro_batch_tokens divisible by 16 "
+                              f"(got {self.micro_batch_tokens})")
 
 
 @dataclass
@@ -140,6 +403,18 @@ class TrainConfig:
     max_params: Optional[int] = None  # refuse a model with more parameters (e.g. the speed track's 150M)
     max_bad_steps: int = 5  # stop (status failed) after this many consecutive non-finite steps
 
+    def check(self) -> None:
+        _positive(self.max_steps, "train.max_steps", 0)
+        _positive(self.log_every, "train.log_every")
+        _positive(self.window_start, "train.window_start")
+        if self.window_end is not None:
+            _positive(self.window_end, "train.window_end")
+        if not self.max_minutes >= 0:
+            raise ConfigError(f"train.max_minutes={self.max_minutes} must be >= 0 (0 = no limit)")
+        _positive(self.max_bad_steps, "train.max_bad_steps")
+        if self.batch_tokens is not None:
+            _positive(self.batch_tokens, "train.batch_tokens")
+
 
 @dataclass
 class EvalConfig:
@@ -149,13 +424,19 @@ class EvalConfig:
     max_tokens: int = 0  # cap on validation tokens per evaluation (0 = whole split)
     batch_tokens: int = 0  # tokens per eval forward (0 = hardware.micro_batch_tokens)
     test: bool = False  # also evaluate the test split at the end
-    # representation probes during training (speedrun/probe.py `run_probes`; off by default)
+    # representation probes during training (speedrun/probe: off by default)
     probe_every: int = 0  # steps between probe runs (0 = off)
-    probe_tasks: List[str] = field(default_factory=lambda: ["ss3", "meltome", "solubility"])  # names, NAME@PATH, task YAMLs
+    probe_tasks: List[str] = field(default_factory=lambda: ["ss3", "meltome", "solubility"])  # names, NAME@PATH, YAMLs
     probe_layers: str = "all"  # all | last | comma-separated layer ids, e.g. "0,6,12" (0 = input embedding)
     probe_max_sequences: int = 500  # sequences per split (fast subset; 0 = all)
     probe_max_residues: int = 20000  # sampled residues per split for per-residue tasks (0 = all)
-    probe_data_dir: Optional[str] = None  # folder of the FLIP zips; null = $SPEEDRUN_PROBE_DATA or the machines' default
+    probe_data_dir: Optional[str] = None  # folder of the FLIP zips; null = $SPEEDRUN_PROBE_DATA or the default
+
+    def check(self) -> None:
+        _fraction(self.mask_rate, "eval.mask_rate")
+        _seed(self.seed, "eval.seed")
+        for key in ("every_steps", "max_tokens", "batch_tokens", "probe_every"):
+            _positive(getattr(self, key), f"eval.{key}", 0)
 
 
 @dataclass
@@ -164,6 +445,12 @@ class CheckpointConfig:
     keep_last: int = 2
     final: bool = True
     every_minutes: float = 0.0  # also save when this much wall time passed since the last checkpoint; 0 = off
+
+    def check(self) -> None:
+        _positive(self.every_steps, "checkpoint.every_steps", 0)
+        _positive(self.keep_last, "checkpoint.keep_last", 0)
+        if not self.every_minutes >= 0:  # also rejects NaN
+            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -174,12 +461,15 @@ class LogConfig:
     wandb_group: Optional[str] = None  # default: the sweep name in multirun
     print_config: bool = True  # print the resolved config as a tree at start (rank 0)
 
+    def check(self) -> None:
+        _choice(self.progress, PROGRESS, "log.progress")
+
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    model: Any = field(default_factory=UNetConfig)  # one of MODELS
+    optimizer: Any = field(default_factory=MuonConfig)  # one of OPTIMIZERS
+    objective: Any = field(default_factory=MLMConfig)  # one of OBJECTIVES
     data: DataConfig = field(default_factory=DataConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -192,86 +482,49 @@ class RunConfig:
     target_loss: Optional[float] = None  # record train time and tokens when val loss first reaches it
     resume: str = "auto"  # auto: continue from the run dir's newest checkpoint; never; must
     logger: str = "auto"  # auto: W&B when WANDB_API_KEY is set | none | wandb
+    init_from: Optional[str] = None  # start from these weights: an export, run dir, or (ESM-2) a hub id / HF folder
 
 
-def _choice(value: str, allowed: tuple, key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}: set {key} to one of them")
+@dataclass
+class ComposedRunConfig(RunConfig):
+    """The schema Hydra composes onto (`schema` in the ConfigStore). The config groups start empty, so
+    the chosen preset's dataclass sets their type: `<group>/schema_<option>` for the polymorphic groups,
+    `data/schema` and `hardware/schema` for the others. (A flat config of an earlier version, which
+    extends no schema node, then composes too, and from_container migrates it.)"""
+    model: Any = None
+    optimizer: Any = None
+    objective: Any = None
+    data: Any = None
+    hardware: Any = None
 
 
-def mlp_hidden(m: ModelConfig) -> int:
-    """Hidden width of the MLP: ceil(r*d/multiple)*multiple, as the reference's correction_fn."""
-    return int(math.ceil(m.mlp_ratio * m.dim / m.mlp_multiple - 1e-9)) * m.mlp_multiple
+GROUP_TYPES = {"data": DataConfig, "hardware": HardwareConfig, "train": TrainConfig, "eval": EvalConfig,
+               "checkpoint": CheckpointConfig, "log": LogConfig}
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Cross-field checks that a structured config cannot express. Raises ConfigError."""
-    m, o, ob, d, h, t, e = cfg.model, cfg.optimizer, cfg.objective, cfg.data, cfg.hardware, cfg.train, cfg.eval
-    _choice(m.arch, MODEL_ARCHS, "model.arch")
-    _choice(m.head, HEADS, "model.head")
-    _choice(m.attention, ATTENTION, "model.attention")
-    _choice(o.name, OPTIMIZERS, "optimizer.name")
-    _choice(o.schedule, SCHEDULES, "optimizer.schedule")
-    _choice(ob.name, OBJECTIVES, "objective.name")
-    _choice(h.precision, PRECISIONS, "hardware.precision")
-    _choice(h.device, DEVICES, "hardware.device")
-    _choice(h.compile_scope, ("blocks", "model"), "hardware.compile_scope")
-    if not 0.0 < h.memory_budget <= 1.0:
-        raise ConfigError(f"hardware.memory_budget={h.memory_budget} must be in (0, 1] (1 = save every activation "
-                          "the compiler wants; lower trades recompute for memory)")
-    if h.fp8 and h.precision != "bf16":
-        raise ConfigError("hardware.fp8=true needs hardware.precision=bf16 (FP8 GEMMs take bf16 activations)")
-    if h.fp8 and h.micro_batch_tokens % 16:
-        raise ConfigError(f"hardware.fp8=true needs hardware.micro_batch_tokens divisible by 16 (got {h.micro_batch_tokens})")
+    """Each group's own checks, then the rules that span groups. Raises ConfigError."""
+    for group in ("model", "optimizer", "objective", *GROUP_TYPES):
+        check = getattr(getattr(cfg, group), "check", None)
+        if check is not None:
+            check()
     _choice(cfg.resume, RESUME, "resume")
     _choice(cfg.logger, LOGGERS, "logger")
-    _choice(cfg.log.progress, PROGRESS, "log.progress")
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}: change one of them")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError(f"head dim {m.dim // m.n_heads} must be even for RoPE: change model.dim or model.n_heads")
-    if m.arch == "unet" and m.n_layers % 2:
-        raise ConfigError(f"model.arch=unet needs an even model.n_layers (got {m.n_layers})")
-    if m.vocab_size < 33:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the 33-token ESM vocabulary")
-    if m.tie_embeddings and m.head == "linear":
-        raise ConfigError("model.tie_embeddings=true needs model.head=mlp (the linear head is zero-initialised)")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optimizer.betas={list(o.betas)} must be two numbers in [0, 1)")
-    if not 0.0 <= o.cooldown_frac <= 1.0:
-        raise ConfigError(f"optimizer.cooldown_frac={o.cooldown_frac} must be in [0, 1]")
-    for key in ("mask_rate",):
-        if not 0.0 < getattr(ob, key) < 1.0:
-            raise ConfigError(f"objective.{key}={getattr(ob, key)} must be in (0, 1)")
-    _choice(ob.ramp, RAMPS, "objective.ramp")
-    if not 0.0 < ob.eps < 1.0:
-        raise ConfigError(f"objective.eps={ob.eps} must be in (0, 1)")
-    if ob.replace and ob.name != "mlm":
-        raise ConfigError("objective.replace=true (80/10/10) applies to objective=mlm only: drop it or use mlm")
-    if any(not 0.0 < lv < 1.0 for lv in ob.eval_levels):
-        raise ConfigError(f"objective.eval_levels={list(ob.eval_levels)} must all be in (0, 1)")
-    if ob.mask_rate_start is not None and not 0.0 < ob.mask_rate_start < 1.0:
-        raise ConfigError(f"objective.mask_rate_start={ob.mask_rate_start} must be in (0, 1)")
-    if not 0.0 < e.mask_rate < 1.0:
-        raise ConfigError(f"eval.mask_rate={e.mask_rate} must be in (0, 1)")
-    if e.probe_every > 0 and m.arch not in ("unet", "transformer"):  # speedrun.embed's layer-wise states
-        raise ConfigError(f"eval.probe_every={e.probe_every} needs per-layer embeddings, which model.arch={m.arch} "
-                          "does not provide (unet and transformer do): set eval.probe_every=0 or change model.arch")
-    if d.max_length < 8:
-        raise ConfigError(f"data.max_length={d.max_length} is too small: use at least 8 tokens")
+    _seed(cfg.seed, "seed")
+    if not _NAME_RE.match(cfg.name) or ".." in cfg.name:
+        raise ConfigError(f"name={cfg.name!r} must be a plain name (letters, digits, '_', '-', '.'; no '/' or "
+                          "'..'): it names the folder under outputs/")
+    m, d, h = cfg.model, cfg.data, cfg.hardware
     if h.micro_batch_tokens < d.max_length:
         raise ConfigError(f"hardware.micro_batch_tokens={h.micro_batch_tokens} is smaller than data.max_length="
                           f"{d.max_length}: raise the micro-batch or lower data.max_length")
-    if h.gpus < 1:
-        raise ConfigError(f"hardware.gpus={h.gpus} must be at least 1")
-    if t.max_steps < 0:
-        raise ConfigError(f"train.max_steps={t.max_steps} must be >= 0")
-    if t.window_start < 1:
-        raise ConfigError(f"train.window_start={t.window_start} must be positive")
-    if not cfg.checkpoint.every_minutes >= 0:  # also rejects NaN
-        raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes} must be >= 0 (0 = off)")
-    if d.name != "sample" and not d.path:
-        raise ConfigError(f"data={d.name} needs a shard folder: pass data.path=DIR")
+    if cfg.eval.probe_every > 0 and m.arch not in ("unet", "transformer"):  # speedrun.embed's layer-wise states
+        raise ConfigError(f"eval.probe_every={cfg.eval.probe_every} needs per-layer embeddings, which "
+                          f"model.arch={m.arch} does not provide (unet and transformer do): set eval.probe_every=0 "
+                          "or change model.arch")
+    if h.fp8 and m.arch not in ("unet", "transformer"):
+        raise ConfigError(f"hardware.fp8=true: model.arch={m.arch} has no FP8 path (unet and transformer have); "
+                          "use hardware.fp8=false")
     return cfg
 
 
@@ -302,6 +555,7 @@ def batch_geometry(cfg: RunConfig, world_size: int) -> dict:
     return {"micro_batch_tokens": micro, "grad_accum": accum, "world_size": world_size, "batch_tokens": total}
 
 
+# ======================================= building typed configs ====================================
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain dicts/lists (for JSON and YAML)."""
     if is_dataclass(obj):
@@ -311,23 +565,77 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def option_class(group: str, value: Any) -> type:
+    """The dataclass of option `value` of a polymorphic group; ConfigError for an unknown one."""
+    key, table = POLYMORPHIC[group]
+    if value not in table:
+        raise ConfigError(f"{group}.{key}={value!r} is not one of {', '.join(table)}: set {group}.{key} (or "
+                          f"{group}=...) to one of them")
+    return table[value]
+
+
+def make(group: str, **values) -> Any:
+    """A group's dataclass from keyword values, e.g. make('model', arch='transformer', dim=64)."""
+    if group not in POLYMORPHIC:
+        return GROUP_TYPES[group](**values)
+    key, table = POLYMORPHIC[group]
+    cls = option_class(group, values.get(key, next(iter(table))))
+    return cls(**{k: v for k, v in values.items() if k != key})
+
+
+# keys renamed in 0.2: old -> new. On the command line they fail naming the new key; in a saved flat
+# config of an earlier version (reproduce.yaml, a checkpoint) they are renamed by migrate_legacy.
+RENAMED = {"optimizer.warmup_steps": "optimizer.lr_warmup_steps",
+           "objective.warmup_steps": "objective.mlm_steps",
+           "hardware.warmup_steps": "hardware.compile_warmup_steps"}
+
+
+def is_legacy(d: dict) -> bool:
+    """A flat config of an earlier version: one of the renamed keys is present."""
+    return any(isinstance(d.get(old.split(".")[0]), dict) and old.split(".")[1] in d[old.split(".")[0]]
+               for old in RENAMED)
+
+
+def migrate_legacy(d: dict) -> dict:
+    """A flat config of version 0.1 in today's shape: renamed keys renamed, and the keys an option's
+    dataclass does not have (they had no effect in 0.1, e.g. objective.eps under mlm) dropped."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for old, new in RENAMED.items():
+        group, key = old.split(".")
+        node = out.get(group)
+        if isinstance(node, dict) and key in node:
+            node.setdefault(new.split(".")[1], node.pop(key))
+    for group, (key, _) in POLYMORPHIC.items():
+        node = out.get(group)
+        if isinstance(node, dict) and key in node:
+            known = {f.name for f in fields(option_class(group, node[key]))}
+            out[group] = {k: v for k, v in node.items() if k in known}
+    return out
+
+
 def from_container(container: Any) -> RunConfig:
     """Merge a composed config (DictConfig or dict) onto the schema and return typed dataclasses.
 
-    Unknown keys and wrong types raise ConfigError naming the key; cross-field rules run too.
-    """
+    Unknown keys and wrong types raise ConfigError naming the key; every group's checks and the
+    cross-group rules run too."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = OmegaConf.structured(RunConfig)
     try:
-        if not isinstance(container, dict):  # a DictConfig: resolve everything but Hydra's own node
+        if OmegaConf.is_config(container):  # resolve everything but Hydra's own node
             container = {k: (OmegaConf.to_container(container[k], resolve=True)
                              if OmegaConf.is_config(container[k]) else container[k])
                          for k in container if k != "hydra"}
-        container = {k: v for k, v in container.items() if k != "hydra"}
-        merged = OmegaConf.merge(schema, container)
-        cfg = OmegaConf.to_object(merged)
+        container = {k: v for k, v in dict(container).items() if k != "hydra"}
+        if is_legacy(container):
+            container = migrate_legacy(container)
+        chosen = {}
+        for group, (key, table) in POLYMORPHIC.items():
+            node = container.get(group)
+            value = node.get(key, MISSING) if isinstance(node, dict) else MISSING
+            chosen[group] = option_class(group, value)() if value != MISSING else RunConfig().__dict__[group]
+        schema = OmegaConf.structured(RunConfig(**chosen))
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, container))
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc)) from None
     return validate(cfg)
@@ -342,117 +650,40 @@ def _omegaconf_message(exc: Exception) -> str:
 
 
 def register_schema() -> None:
-    """Register `RunConfig` with Hydra's ConfigStore as `schema`, so composition is type-checked."""
+    """Register the schema with Hydra's ConfigStore: `schema` (the whole run), `data/schema`,
+    `hardware/schema` and, for each polymorphic group, `<group>/schema_<option>` (the option's
+    dataclass): the presets in conf/ extend them."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="schema", node=RunConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=ComposedRunConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="hardware", name="schema", node=HardwareConfig)
+    for group, (_, table) in POLYMORPHIC.items():
+        for option, cls in table.items():
+            cs.store(group=group, name=f"schema_{option}", node=cls)
 
 
-# ---- command-line pre-check: one-line errors with a suggestion, before Hydra composes anything ----
-GROUPS = ("model", "optimizer", "objective", "data", "hardware", "experiment", "sweep")
+# ================================== run identity: "the same run" ===================================
+NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_threads",
+                "hardware.compile_warmup_steps", "hardware.compile", "hardware.compile_scope",
+                "hardware.memory_budget", "data.prefetch", "checkpoint.keep_last", "checkpoint.every_steps",
+                "checkpoint.every_minutes", "checkpoint.final", "model.attention")
 
 
-def _schema_keys(cls=RunConfig, prefix: str = "") -> dict:
-    """Flattened 'a.b' -> field type of the schema."""
-    import typing
-
-    out = {}
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        t = hints[f.name]
-        if is_dataclass(t):
-            out.update(_schema_keys(t, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = t
-    return out
+# keys added since 0.1, with their defaults: they count for identity only when set otherwise, so a run of
+# an earlier version keeps its identity
+ADDED = {"hardware.nodes": 1, "init_from": None, "optimizer.fused_qkv": False}
 
 
-def _convert(value: Any, t) -> None:
-    import typing
-
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-        if type(None) in typing.get_args(t):
-            return
-        raise ValueError("null is not allowed here")
-    args = [a for a in typing.get_args(t) if a is not type(None)]
-    base = args[0] if typing.get_origin(t) is typing.Union and args else t
-    if typing.get_origin(base) in (list, List):
-        return
-    if base is bool:
-        if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
-            raise ValueError("expected true or false")
-    elif base is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError("expected an integer")
-        try:
-            int(value)
-        except ValueError:
-            raise ValueError("expected an integer") from None
-    elif base is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            float(value)
-        except ValueError:
-            raise ValueError("expected a number") from None
-
-
-def check_overrides(args: list[str], conf_dir: str) -> Optional[str]:
-    """Return a one-line error for the first bad `key=value` / `group=option` override, else None."""
-    import difflib
-    import os
-
-    try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        from hydra.core.override_parser.types import ChoiceSweep, RangeSweep, IntervalSweep
-    except ImportError:  # pragma: no cover
-        return None
-    keys = _schema_keys()
-    cands = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(cands)
-    except Exception as exc:  # Hydra will report syntax errors itself
-        return f"cannot parse override: {str(exc).splitlines()[0]}"
-    for ov in parsed:
-        key = ov.key_or_group
-        if key.startswith("hydra") or ov.package or ov.is_delete() or ov.is_add() or ov.is_force_add():
-            continue
-        value = ov.value()
-        values = value.list if isinstance(value, ChoiceSweep) else (
-            [] if isinstance(value, (RangeSweep, IntervalSweep)) else [value])
-        if key in GROUPS or key == "local":
-            group_dir = (os.path.join(os.path.dirname(conf_dir), "sweeps", "sweep") if key == "sweep"
-                         else os.path.join(conf_dir, key))
-            opts = sorted(p[:-5] for p in os.listdir(group_dir) if p.endswith(".yaml")) if os.path.isdir(group_dir) else []
-            for v in values:
-                if str(v) not in opts and not (key in ("experiment", "sweep") and v is None):
-                    close = difflib.get_close_matches(str(v), opts, n=1)
-                    hint = f"did you mean {key}={close[0]}? " if close else ""
-                    return f"unknown {key} option '{v}': {hint}choose one of {', '.join(opts)}"
-            continue
-        if key not in keys:
-            close = difflib.get_close_matches(key, list(keys), n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            return f"unknown config key '{key}': {hint}(python launch.py --cfg job lists every key)"
-        for v in values:
-            try:
-                _convert(v, keys[key])
-            except (ValueError, TypeError) as exc:
-                return f"bad value {key}={v!r}: {exc}"
-    return None
-
-
-# ---- run identity: which settings make two runs "the same run" ----------------------------------
-NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_threads", "hardware.warmup_steps",
-                "hardware.compile", "hardware.compile_scope", "hardware.memory_budget", "data.prefetch", "checkpoint.keep_last",
-                "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.final")
-
-
-def semantic_dict(cfg: RunConfig) -> dict:
+def semantic_dict(cfg: RunConfig | dict) -> dict:
     """The config minus settings that do not change what is trained (logging, checkpoint cadence,
-    threads, compilation...): what resume and idempotent sweeps compare."""
-    d = to_dict(cfg)
-    for key in NON_SEMANTIC:
+    threads, compilation, the attention kernel...): what resume and idempotent sweeps compare. A dict
+    of an earlier version is migrated first, so an old run keeps its identity."""
+    d = to_dict(cfg) if not isinstance(cfg, dict) else (migrate_legacy(cfg) if is_legacy(cfg) else dict(cfg))
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    drop = list(NON_SEMANTIC) + [k for k, default in ADDED.items() if _get(d, k, default) == default]
+    for key in drop:
         node, *rest = key.split(".")
         if rest:
             d.get(node, {}).pop(rest[0], None)
@@ -461,7 +692,15 @@ def semantic_dict(cfg: RunConfig) -> dict:
     return d
 
 
-def signature(cfg: RunConfig) -> str:
+def _get(d: dict, dotted: str, default=None):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return default
+        d = d[part]
+    return d
+
+
+def signature(cfg: RunConfig | dict) -> str:
     import hashlib
     import json
 

@@ -108,12 +108,17 @@ SUPPORTED_ARCHS = ("unet", "transformer")  # the ProteinLM architectures
 def _model_config(d: dict):
     from dataclasses import fields
 
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ExportError(f"model config has keys this version of speedrun does not know: {', '.join(unknown)}; "
-                          "upgrade speedrun-plm")
-    cfg = ModelConfig(**d)
+    from .config import ConfigError, make, option_class
+
+    try:
+        known = {f.name for f in fields(option_class("model", d.get("arch", "unet")))}
+        unknown = sorted(set(d) - known - {"value_embeddings", "n_extra_layers"})  # 0.1 kept every key
+        if unknown:
+            raise ExportError(f"model config has keys this version of speedrun does not know: {', '.join(unknown)}; "
+                              "upgrade speedrun-plm")
+        cfg = make("model", **{k: v for k, v in d.items() if k in known})
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
     if cfg.arch not in SUPPORTED_ARCHS:
         raise ExportError(f"model.arch={cfg.arch} is not supported by export/load yet "
                           f"(supported: {', '.join(SUPPORTED_ARCHS)})")
@@ -293,7 +298,7 @@ def model_card(meta: dict, summary: dict, *, license: str = "mit") -> str:
         f"| parameters | {meta['n_params']:,} |",
         f"| objective | `{obj.get('name')}`, mask rate {obj.get('mask_rate')}"
         f"{' (80/10/10)' if obj.get('replace') else ' (`<mask>` only)'} |",
-        f"| optimizer | `{opt.get('name')}`, schedule `{opt.get('schedule')}`, warm-up {opt.get('warmup_steps')} steps |",
+        f"| optimizer | `{opt.get('name')}`, schedule `{opt.get('schedule')}`, warm-up {opt.get('lr_warmup_steps', opt.get('warmup_steps'))} steps |",
         f"| steps | {_fmt(meta.get('step'))} of {_fmt(train.get('max_steps'))}; "
         f"{_fmt(batch.get('batch_tokens', train.get('batch_tokens')))} tokens per step |",
         f"| tokens seen | {_fmt(meta.get('tokens'))} |",

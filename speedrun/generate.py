@@ -284,8 +284,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     cfg = state.get("config")
     if not cfg or "model" not in cfg:
         raise GenerateError(f"{path / 'state.pt'} holds no run config: it was not written by speedrun.train")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    mcfg = ModelConfig(**{k: v for k, v in cfg["model"].items() if k in known})
+    from .config import make, option_class
+
+    known = {f.name for f in dataclasses.fields(option_class("model", cfg["model"].get("arch", "unet")))}
+    mcfg = make("model", **{k: v for k, v in cfg["model"].items() if k in known})
     if mcfg.arch == "patch_unet":
         from .patch_unet import PatchUNet
         model = PatchUNet(mcfg, cfg["data"]["max_length"])

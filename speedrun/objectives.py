@@ -14,7 +14,7 @@ Every objective is "draw a masking level t per document, mask each maskable toke
   drawn **per sequence**; every masked token's CE is weighted by 1/t_b; the sum is normalised by the
   number of real (non-padding) tokens. (The reference draws one t per batch and divides a mean by it,
   RECIPE.md §12.4.)
-* **mlm_to_diffusion** — MLM for `warmup_steps`, then a ramp to full diffusion: the fraction α of
+* **mlm_to_diffusion** — MLM for `mlm_steps`, then a ramp to full diffusion: the fraction α of
   documents that draw a diffusion t (the rest keep the MLM rate) goes 0 -> 1 at once (`ramp=step`)
   or linearly over `ramp_steps` (`ramp=linear`). The loss is the diffusion form, which for a
   document at the fixed MLM rate r equals its masked-token CE / r — the same scale as MLM.
@@ -96,8 +96,11 @@ def mask_per_document(tokens: torch.Tensor, doc_ids: torch.Tensor, mlm_rate: flo
     return Masked(inputs, labels, mlm_rate, weights=weights, denom=denom)
 
 
-def mask_rate_at(cfg: ObjectiveConfig, step: int) -> float:
-    """The MLM mask rate at `step`: linear from mask_rate_start to mask_rate over mask_rate_steps."""
+def mask_rate_at(cfg: ObjectiveConfig, step: int) -> Optional[float]:
+    """The MLM mask rate at `step`: linear from mask_rate_start to mask_rate over mask_rate_steps (None
+    for pure diffusion, which draws a level per sequence)."""
+    if not hasattr(cfg, "mask_rate"):
+        return None
     if cfg.mask_rate_start is None or cfg.mask_rate_steps <= 0:
         return cfg.mask_rate
     f = min(step / cfg.mask_rate_steps, 1.0)
@@ -110,11 +113,11 @@ def diffusion_fraction(cfg: ObjectiveConfig, step: int) -> float:
         return 0.0
     if cfg.name == "diffusion":
         return 1.0
-    if step < cfg.warmup_steps:
+    if step < cfg.mlm_steps:
         return 0.0
     if cfg.ramp == "step" or cfg.ramp_steps <= 0:
         return 1.0
-    return min(1.0, (step - cfg.warmup_steps + 1) / cfg.ramp_steps)
+    return min(1.0, (step - cfg.mlm_steps + 1) / cfg.ramp_steps)
 
 
 def apply_objective(cfg: ObjectiveConfig, tokens: torch.Tensor, doc_ids: torch.Tensor, step: int,
@@ -123,7 +126,8 @@ def apply_objective(cfg: ObjectiveConfig, tokens: torch.Tensor, doc_ids: torch.T
     rate = mask_rate_at(cfg, step)
     if cfg.name == "mlm":
         return mask_tokens(tokens, rate, generator, cfg.replace)
-    return mask_per_document(tokens, doc_ids, rate, diffusion_fraction(cfg, step), cfg.eps, generator)
+    mlm_rate = rate if rate is not None else 1.0  # pure diffusion: every document draws its own level
+    return mask_per_document(tokens, doc_ids, mlm_rate, diffusion_fraction(cfg, step), cfg.eps, generator)
 
 
 def masked_loss(model, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",

@@ -148,7 +148,7 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, device: torch.devic
     if cfg.name == "adamw":
         params = [p for p in {id(p): p for p in model.parameters() if p.requires_grad}.values()]
         opt = torch.optim.AdamW([dict(params=params, lr=cfg.lr, base_lr=cfg.lr, kind="adam")],
-                                lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                                 fused=fused)
         return [opt]
     g = param_groups(model)
@@ -167,7 +167,7 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, device: torch.devic
 
 def lr_multiplier(cfg: OptimizerConfig, step: int, total: int, warmup: bool = True) -> float:
     """Multiplier on the base learning rate at `step` (0-based) of `total` steps."""
-    w = cfg.warmup_steps if warmup else 0
+    w = cfg.lr_warmup_steps if warmup else 0
     if w > 0 and step < w:
         return (step + 1) / w
     if cfg.schedule == "constant" or total <= w:

@@ -589,7 +589,7 @@ def load_run_model(path: Union[str, Path], device=None, checkpoint: Optional[str
     """(model, info) from a run directory (newest complete checkpoint), a checkpoint folder, or an
     export folder (via speedrun.load). info: checkpoint, step, config (RunConfig dict or None)."""
     from .checkpoint import MARKER, latest
-    from .config import ModelConfig
+    from .config import make, migrate_legacy
     from .model import ProteinLM
 
     path = Path(path)
@@ -625,7 +625,8 @@ def load_run_model(path: Union[str, Path], device=None, checkpoint: Optional[str
     from safetensors.torch import load_model
 
     try:
-        mcfg = ModelConfig(**cfg["model"])
+        mcfg = migrate_legacy({"model": cfg["model"]})["model"]
+        mcfg = make("model", **mcfg)
     except TypeError as exc:
         raise ProbeError(f"{ck}: its model config does not fit this version of speedrun ({exc})") from None
     mcfg.attention = "auto"

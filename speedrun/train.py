@@ -347,7 +347,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         log.info(f"run dir {run_dir}")
         log.info(f"{cfg.model.arch} d={cfg.model.dim} L={cfg.model.n_layers} H={cfg.model.n_heads}: "
                  f"{n_params:,} parameters | {cfg.optimizer.name} | {cfg.objective.name} "
-                 f"rate {cfg.objective.mask_rate} | attention {backend} | {device} x{info.world_size}")
+                 f"rate {mask_rate_at(cfg.objective, 0)} | attention {backend} | {device} x{info.world_size}")
         log.info(f"batch: {geo['batch_tokens']:,} tokens/step = {T:,} tokens x {accum} micro-steps x "
                  f"{info.world_size} rank(s); {cfg.train.max_steps} steps")
         env, diff = environment({"run": desc})
@@ -413,12 +413,12 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         return loss.detach()
 
     t_warm = time.time()
-    if cfg.hardware.warmup_steps > 0:
+    if cfg.hardware.compile_warmup_steps > 0:
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                  [copy.deepcopy(o.state_dict()) for o in optimizers])
         warm = Stream(train_files, T, cfg.data.max_length, cfg.data.seed + 9973, info.rank, info.world_size)
         try:
-            for i in range(cfg.hardware.warmup_steps):
+            for i in range(cfg.hardware.compile_warmup_steps):
                 tok, did = warm.next_batch()
                 t = torch.from_numpy(tok).to(device)
                 d = torch.from_numpy(did).to(device)
@@ -429,7 +429,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
                 model.zero_grad(set_to_none=True)
         except torch.OutOfMemoryError:
             saved = None
-            fail_early(_oom_reason(T, device, "in the compile warm-up (hardware.warmup_steps)"))
+            fail_early(_oom_reason(T, device, "in the compile warm-up (hardware.compile_warmup_steps)"))
         model.load_state_dict(saved[0])
         for o, sd in zip(optimizers, saved[1]):
             o.load_state_dict(sd)

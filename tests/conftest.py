@@ -49,7 +49,7 @@ def typed(overrides: list[str] | None = None):
 
 TINY = [
     "model=unet_tiny", "hardware.micro_batch_tokens=1024", "data.max_length=256", "train.window_start=256",
-    "train.log_every=1", "eval.every_steps=0", "eval.max_tokens=6000", "optimizer.warmup_steps=2",
+    "train.log_every=1", "eval.every_steps=0", "eval.max_tokens=6000", "optimizer.lr_warmup_steps=2",
     "optimizer.momentum_warmup_steps=2",
 ]
 

@@ -133,7 +133,7 @@ def _grads_of(model, tokens, doc, labels):
 def test_padding_past_the_document_cap_gives_exact_gradients(where, monkeypatch):
     """Forward and backward of a batch at the document cap: the gradients equal those of the same
     documents without padding, and the padding contributes exactly zero (issue 15, item 1)."""
-    from speedrun.config import ModelConfig
+    from speedrun.config import make
     from speedrun.model import ProteinLM
     from speedrun.objectives import IGNORE
     from speedrun.packing import max_docs
@@ -146,7 +146,7 @@ def test_padding_past_the_document_cap_gives_exact_gradients(where, monkeypatch)
 
         monkeypatch.setattr(varlen, "varlen_attn", emulated_varlen)
     torch.manual_seed(0)
-    model = ProteinLM(ModelConfig(arch="unet", dim=64, n_layers=2, n_heads=2, mlp_ratio=2.0)).to(device)
+    model = ProteinLM(make("model", arch="unet", dim=64, n_layers=2, n_heads=2, mlp_ratio=2.0)).to(device)
     model.attn_backend, model.max_segment_len = "varlen", 256
     T, n, length = 4096, max_docs(4096), 20
     doc = _short_docs(T, n, length).to(device)

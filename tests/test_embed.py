@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import speedrun
-from speedrun.config import ModelConfig
+from speedrun.config import make
 from speedrun.embed import embed
 from speedrun.model import ProteinLM, norm
 from speedrun.vocab import encode
@@ -19,7 +19,7 @@ SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MSDNE", "GAVLIPFWMSTCYNQDEKRH" * 3, "MKV", "A
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = ProteinLM(ModelConfig(dim=32, n_layers=2, n_heads=2))
+    m = ProteinLM(make("model", dim=32, n_layers=2, n_heads=2))
     with torch.no_grad():  # the zero-initialised projections would make every block an identity
         for p in m.parameters():
             p.normal_(0.0, 0.2)

@@ -11,7 +11,7 @@ import torch
 
 import speedrun
 from speedrun import checkpoint as ckpt
-from speedrun.config import ModelConfig, RunConfig, to_dict
+from speedrun.config import RunConfig, make, to_dict
 from speedrun.embed import embed
 from speedrun.export import ExportError, export, load, main, push
 from speedrun.model import ProteinLM
@@ -56,7 +56,7 @@ def _logits(model, window=256):
 def _from_checkpoint(run_dir: Path) -> ProteinLM:
     path = ckpt.latest(run_dir / "checkpoints")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    model = ProteinLM(ModelConfig(**state["config"]["model"]))
+    model = ProteinLM(make("model", **state["config"]["model"]))
     ckpt.load(path, model, torch.device("cpu"))
     return model.eval()
 
@@ -103,7 +103,7 @@ def test_loaded_model_embeds(trained, tmp_path):
 
 def test_tied_weights_round_trip(tmp_path):
     torch.manual_seed(0)
-    cfg = RunConfig(model=ModelConfig(dim=32, n_layers=2, n_heads=2, tie_embeddings=True))
+    cfg = RunConfig(model=make("model", dim=32, n_layers=2, n_heads=2, tie_embeddings=True))
     model = ProteinLM(cfg.model)
     with torch.no_grad():
         for p in model.parameters():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from speedrun import checkpoint as ckpt
-from speedrun.config import DataConfig, ModelConfig, RunConfig, to_dict
+from speedrun.config import DataConfig, RunConfig, make, to_dict
 from speedrun.generate import (CANONICAL_IDS, EXTENDED_IDS, GenerateConfig, GenerateError, commit_schedule,
                                generate, infill_template, letters, main, read_infill, sample,
                                unconditional_template)
@@ -23,7 +23,7 @@ EXTENDED = CANONICAL | set("XBUZO")
 
 def _lm(seed=0, **kw) -> ProteinLM:
     torch.manual_seed(seed)
-    m = ProteinLM(ModelConfig(dim=32, n_layers=2, n_heads=2, **kw))
+    m = ProteinLM(make("model", dim=32, n_layers=2, n_heads=2, **kw))
     for b in m.blocks:  # zero-init projections would make every position context-free
         torch.nn.init.normal_(b.attn.o.weight, std=0.2)
         torch.nn.init.normal_(b.mlp.down.weight, std=0.2)
@@ -200,7 +200,7 @@ def _read_fasta(path: Path) -> list[tuple[str, str]]:
 def test_patch_unet_checkpoint_generates_and_infills(tmp_path):
     from speedrun.patch_unet import PatchUNet
 
-    mc = ModelConfig(arch="patch_unet", dim=32, n_heads=2, n_layers=4, n_extra_layers=1, mlp_ratio=2.0)
+    mc = make("model", arch="patch_unet", dim=32, n_heads=2, n_layers=4, n_extra_layers=1, mlp_ratio=2.0)
     torch.manual_seed(0)
     _save_run(tmp_path, PatchUNet(mc, 64), mc, 64)
     recs = generate(tmp_path, GenerateConfig(num=3, length=40, steps=5, seed=1, device="cpu"))
@@ -226,7 +226,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_on_a_saved_protein_lm(tmp_path, capsys):
-    mc = ModelConfig(dim=32, n_layers=2, n_heads=2)
+    mc = make("model", dim=32, n_layers=2, n_heads=2)
     _save_run(tmp_path / "run", _lm(), mc, 128)
     out = tmp_path / "s.fasta"
     assert main([str(tmp_path / "run"), "num=5", "length=33", "steps=4", "seed=4", f"out={out}"]) == 0

@@ -158,7 +158,7 @@ def _fails_with_one_line(cfg, run_dir) -> tuple[str, dict]:
 
 def test_out_of_memory_in_the_compile_warmup_fails_cleanly(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "dense_loss", _oom)
-    msg, _ = _fails_with_one_line(tiny_cfg("train.max_steps=3", "hardware.warmup_steps=1"), tmp_path)
+    msg, _ = _fails_with_one_line(tiny_cfg("train.max_steps=3", "hardware.compile_warmup_steps=1"), tmp_path)
     assert "warm-up" in msg and "hardware.micro_batch_tokens=1024" in msg and "hardware.micro_batch_tokens=512" in msg
 
 

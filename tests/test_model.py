@@ -4,21 +4,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speedrun.config import ModelConfig, mlp_hidden
+from speedrun.config import make, mlp_hidden
 from speedrun.model import ProteinLM, count_params_formula
 from speedrun.vocab import CLS, EOS, MASK
 
 
 def _meta_model(**kw) -> ProteinLM:
     with torch.device("meta"):
-        return ProteinLM(ModelConfig(**kw))
+        return ProteinLM(make("model", **kw))
 
 
 def test_reference_unet_has_133_065_357_parameters():
     m = _meta_model()
     assert m.num_params() == 133_065_357
-    assert count_params_formula(ModelConfig()) == 133_065_357
-    assert mlp_hidden(ModelConfig()) == 2048
+    assert count_params_formula(make("model")) == 133_065_357
+    assert mlp_hidden(make("model")) == 2048
 
 
 @pytest.mark.parametrize("kw,expected", [
@@ -29,10 +29,10 @@ def test_other_reference_counts(kw, expected):
     assert _meta_model(**kw).num_params() == expected
 
 
-@pytest.mark.parametrize("kw", [dict(arch="transformer", value_embeddings=False), dict(tie_embeddings=True),
+@pytest.mark.parametrize("kw", [dict(arch="transformer"), dict(tie_embeddings=True),
                                 dict(head="linear", soft_cap=30.0), dict(dim=64, n_layers=2, n_heads=2)])
 def test_count_formula_matches_modules(kw):
-    assert _meta_model(**kw).num_params() == count_params_formula(ModelConfig(**kw))
+    assert _meta_model(**kw).num_params() == count_params_formula(make("model", **kw))
 
 
 def test_unet_mean_99_percent_in_hidden_matrices():
@@ -43,7 +43,7 @@ def test_unet_mean_99_percent_in_hidden_matrices():
 
 def _tiny(**kw):
     torch.manual_seed(0)
-    return ProteinLM(ModelConfig(dim=32, n_layers=4, n_heads=2, **kw))
+    return ProteinLM(make("model", dim=32, n_layers=4, n_heads=2, **kw))
 
 
 def _batch(T=64):
@@ -113,7 +113,7 @@ def test_unet_skip_pairing_and_value_embedding_order():
 
 
 def test_transformer_has_no_unet_parts():
-    m = _tiny(arch="transformer", value_embeddings=False)
+    m = _tiny(arch="transformer")
     assert m.skip_weights is None and len(m.value_embeds) == 0
     assert all(b.lambdas is None and b.attn.lambdas is None for b in m.blocks)
 
@@ -154,9 +154,9 @@ def test_documents_do_not_see_each_other():
 def test_memory_estimate_matches_the_h200_measurements():
     """Measured on an H200 (speedrun/bench/results): 41.0 GiB at 65,536 tokens, 79.6 GiB at 131,072."""
     from speedrun.model import estimate_memory_gib
-    assert estimate_memory_gib(ModelConfig(), 65536, "bf16") == pytest.approx(41.0, rel=0.03)
-    assert estimate_memory_gib(ModelConfig(), 131072, "bf16") == pytest.approx(79.6, rel=0.03)
-    assert estimate_memory_gib(ModelConfig(arch="patch_unet"), 65536, "bf16") is None
+    assert estimate_memory_gib(make("model"), 65536, "bf16") == pytest.approx(41.0, rel=0.03)
+    assert estimate_memory_gib(make("model"), 131072, "bf16") == pytest.approx(79.6, rel=0.03)
+    assert estimate_memory_gib(make("model", arch="patch_unet"), 65536, "bf16") is None
 
 
 @pytest.mark.parametrize("arch", ["unet", "transformer"])
@@ -167,7 +167,7 @@ def test_per_block_compile_is_one_graph_for_every_layer(arch):
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    m = ProteinLM(ModelConfig(arch=arch, dim=64, n_layers=4, n_heads=2))
+    m = ProteinLM(make("model", arch=arch, dim=64, n_layers=4, n_heads=2))
     m.set_attention_backend(torch.device("cpu"))
     for b in m.blocks:
         b.compile(backend="eager", dynamic=False)

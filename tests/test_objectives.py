@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speedrun.config import ObjectiveConfig
+from speedrun.config import make
 from speedrun.objectives import IGNORE, generator_for, mask_rate_at, mask_tokens
 from speedrun.vocab import CLS, EOS, MASK, PAD, UNK
 
@@ -51,7 +51,7 @@ def test_same_seed_same_masks():
 
 
 def test_schedule_takes_effect_each_step():
-    cfg = ObjectiveConfig(mask_rate=0.4, mask_rate_start=0.1, mask_rate_steps=100)
+    cfg = make("objective", mask_rate=0.4, mask_rate_start=0.1, mask_rate_steps=100)
     assert mask_rate_at(cfg, 0) == 0.1 and abs(mask_rate_at(cfg, 50) - 0.25) < 1e-12
     assert mask_rate_at(cfg, 100) == 0.4 and mask_rate_at(cfg, 10_000) == 0.4
     t = _tokens()
@@ -60,7 +60,7 @@ def test_schedule_takes_effect_each_step():
         m = mask_tokens(t, mask_rate_at(cfg, step), generator_for(torch.device("cpu"), step))
         realised = (m.labels != IGNORE).sum().item() / maskable
         assert abs(realised - mask_rate_at(cfg, step)) < 0.01
-    assert mask_rate_at(ObjectiveConfig(mask_rate=0.2), 5) == 0.2
+    assert mask_rate_at(make("objective", mask_rate=0.2), 5) == 0.2
 
 
 # ---- masked diffusion (DSM) and the MLM -> diffusion warm-up ----------------------------------------
@@ -116,14 +116,14 @@ def test_diffusion_loss_is_dsm_weighted_sum():
 
 
 def test_mlm_to_diffusion_schedule():
-    cfg = ObjectiveConfig(name="mlm_to_diffusion", warmup_steps=100, ramp="linear", ramp_steps=50)
+    cfg = make("objective", name="mlm_to_diffusion", mlm_steps=100, ramp="linear", ramp_steps=50)
     assert diffusion_fraction(cfg, 0) == 0.0 and diffusion_fraction(cfg, 99) == 0.0
     assert diffusion_fraction(cfg, 124) == pytest.approx(0.5)
     assert diffusion_fraction(cfg, 149) == 1.0 and diffusion_fraction(cfg, 10_000) == 1.0
-    step_cfg = ObjectiveConfig(name="mlm_to_diffusion", warmup_steps=100, ramp="step")
+    step_cfg = make("objective", name="mlm_to_diffusion", mlm_steps=100, ramp="step")
     assert diffusion_fraction(step_cfg, 99) == 0.0 and diffusion_fraction(step_cfg, 100) == 1.0
-    assert diffusion_fraction(ObjectiveConfig(name="diffusion"), 0) == 1.0
-    assert diffusion_fraction(ObjectiveConfig(name="mlm"), 10**6) == 0.0
+    assert diffusion_fraction(make("objective", name="diffusion"), 0) == 1.0
+    assert diffusion_fraction(make("objective", name="mlm"), 10**6) == 0.0
     # during warm-up every sequence is masked at the MLM rate: the realised rate per step is 0.2
     t, doc = _docs()
     m = apply_objective(cfg, t, doc, 10, generator_for(torch.device("cpu"), 3))

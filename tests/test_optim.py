@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speedrun.config import ModelConfig, OptimizerConfig
+from speedrun.config import make
 from speedrun.model import ProteinLM
 from speedrun.optim import (Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum,
                             param_groups, zeropower_via_newtonschulz5)
@@ -57,8 +57,8 @@ def test_shape_scaling():
 
 def test_param_groups_cover_every_parameter_once():
     with torch.device("meta"):
-        for kw in (dict(), dict(tie_embeddings=True), dict(arch="transformer", value_embeddings=False)):
-            m = ProteinLM(ModelConfig(dim=64, n_layers=4, n_heads=2, **kw))
+        for kw in (dict(), dict(tie_embeddings=True), dict(arch="transformer")):
+            m = ProteinLM(make("model", dim=64, n_layers=4, n_heads=2, **kw))
             g = param_groups(m)
             ids = [id(p) for v in g.values() for _, p in v]
             assert len(ids) == len(set(ids)) == len({id(p) for p in m.parameters()})
@@ -68,29 +68,29 @@ def test_param_groups_cover_every_parameter_once():
 
 
 def test_reference_groups_and_lrs():
-    m = ProteinLM(ModelConfig(dim=64, n_layers=4, n_heads=2))
-    muon, adam = build_optimizers(m, OptimizerConfig(), torch.device("cpu"))
+    m = ProteinLM(make("model", dim=64, n_layers=4, n_heads=2))
+    muon, adam = build_optimizers(m, make("optimizer"), torch.device("cpu"))
     assert isinstance(muon, Muon) and muon.param_groups[0]["lr"] == 0.05
     lrs = {g["name"]: g["lr"] for g in adam.param_groups}
     assert lrs == {"embed": 0.06, "head": 0.008, "scalar": 0.04}
     assert adam.defaults["betas"] == (0.8, 0.95)
-    (adamw,) = build_optimizers(m, OptimizerConfig(name="adamw", weight_decay=0.01), torch.device("cpu"))
+    (adamw,) = build_optimizers(m, make("optimizer", name="adamw", weight_decay=0.01), torch.device("cpu"))
     assert isinstance(adamw, torch.optim.AdamW)
 
 
 def test_schedules():
-    c = OptimizerConfig(schedule="cosine", warmup_steps=10)
+    c = make("optimizer", schedule="cosine", lr_warmup_steps=10)
     assert lr_multiplier(c, 0, 100) == pytest.approx(0.1)
     assert lr_multiplier(c, 9, 100) == pytest.approx(1.0)
     assert lr_multiplier(c, 55, 100) == pytest.approx(0.5, abs=1e-9)
     assert lr_multiplier(c, 100, 100) == pytest.approx(0.0, abs=1e-9)
     assert lr_multiplier(c, 0, 100, warmup=False) == pytest.approx(1.0)
-    w = OptimizerConfig(schedule="wsd", warmup_steps=10, cooldown_frac=0.2)
+    w = make("optimizer", schedule="wsd", lr_warmup_steps=10, cooldown_frac=0.2)
     assert lr_multiplier(w, 50, 100) == 1.0 and lr_multiplier(w, 90, 100) == pytest.approx(0.5)
-    assert muon_momentum(OptimizerConfig(), 0) == pytest.approx(0.85)
-    assert muon_momentum(OptimizerConfig(), 150) == pytest.approx(0.90)
-    assert muon_momentum(OptimizerConfig(), 1000) == pytest.approx(0.95)
-    m = ProteinLM(ModelConfig(dim=64, n_layers=2, n_heads=2))
+    assert muon_momentum(make("optimizer"), 0) == pytest.approx(0.85)
+    assert muon_momentum(make("optimizer"), 150) == pytest.approx(0.90)
+    assert muon_momentum(make("optimizer"), 1000) == pytest.approx(0.95)
+    m = ProteinLM(make("model", dim=64, n_layers=2, n_heads=2))
     opts = build_optimizers(m, c, torch.device("cpu"))
     apply_schedules(opts, c, 0, 100)
     assert opts[0].param_groups[0]["lr"] == pytest.approx(0.05)  # Muon: no warm-up

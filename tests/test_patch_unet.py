@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speedrun.config import ConfigError, ModelConfig
+from speedrun.config import ConfigError, make
 from speedrun.patch_unet import PatchUNet, hidden_sizes
 from speedrun.vocab import CLS, EOS, MASK, PAD
 
@@ -14,7 +14,7 @@ REFERENCE = dict(arch="patch_unet", dim=768, n_heads=12, n_layers=12, n_extra_la
 
 def _meta(L=2048, **kw) -> PatchUNet:
     with torch.device("meta"):
-        return PatchUNet(ModelConfig(**kw), L)
+        return PatchUNet(make("model", **kw), L)
 
 
 def test_reference_patch_unet_has_212_279_127_parameters():
@@ -31,16 +31,12 @@ def test_width_schedule_caps_head_dim_at_128():
 
 
 def test_conf_yaml_is_the_reference_model():
-    from omegaconf import OmegaConf
+    from conftest import typed
 
-    from tests.conftest import CONF
-
-    m = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                            OmegaConf.load(CONF / "model" / "patch_unet.yaml")))
+    m = typed(["model=patch_unet", "data.max_length=2048", "hardware.micro_batch_tokens=8192"]).model
     assert _meta(**{k: getattr(m, k) for k in REFERENCE}).num_params() == 212_279_127
     assert m.token_dropout is False  # patch_unet.yaml: token_dropout false
-    tiny = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                               OmegaConf.load(CONF / "model" / "patch_unet_tiny.yaml")))
+    tiny = typed(["model=patch_unet_tiny"]).model
     assert tiny.arch == "patch_unet"
     PatchUNet(tiny, 64)
 
@@ -64,7 +60,7 @@ def _tiny(L=64, randomize=True, **kw) -> PatchUNet:
     torch.manual_seed(0)
     cfg = dict(arch="patch_unet", dim=64, n_heads=4, n_layers=4, n_extra_layers=1, mlp_ratio=2.0)
     cfg.update(kw)
-    m = PatchUNet(ModelConfig(**cfg), L)
+    m = PatchUNet(make("model", **cfg), L)
     if randomize:  # zero-init projections would hide attention and the decoder from the tests
         for name, p in m.named_parameters():
             if p.ndim == 2 and "embed" not in name:
@@ -211,7 +207,7 @@ def test_set_attention_backend_and_optimizer_groups():
     assert m.set_attention_backend(torch.device("cpu"), 1024) == "sdpa"  # ProteinLM's signature
     assert len(m.blocks) == 2 + 2 + 1 and len({id(p) for b in m.blocks for p in b.parameters()}) > 0
     with pytest.raises(ConfigError, match="varlen does not apply"):
-        PatchUNet(ModelConfig(arch="patch_unet", dim=64, n_heads=4, n_layers=4, attention="varlen"),
+        PatchUNet(make("model", arch="patch_unet", dim=64, n_heads=4, n_layers=4, attention="varlen"),
                   64).set_attention_backend(torch.device("cpu"))
     g = param_groups(m)
     names = {k: [n for n, _ in v] for k, v in g.items()}

@@ -20,7 +20,7 @@ import torch
 
 from conftest import ROOT
 from speedrun import probe_tasks as pt
-from speedrun.config import ModelConfig
+from speedrun.config import make
 from speedrun.model import ProteinLM
 from speedrun.probe import (ProbeError, classification_metrics, flat_metrics, onehot_features,
                             parse_layers, prepare, probe_model, random_init_like, run_probes, spearman)
@@ -35,7 +35,7 @@ REAL = Path(os.environ.get(pt.DATA_ENV) or pt.DEFAULT_DATA_DIR)
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return ProteinLM(ModelConfig(dim=32, n_layers=2, n_heads=2, mlp_ratio=2.0)).eval()
+    return ProteinLM(make("model", dim=32, n_layers=2, n_heads=2, mlp_ratio=2.0)).eval()
 
 
 # ------------------------------------------------------------------------------------------ loaders
@@ -299,7 +299,7 @@ def _fake_run(tmp_path) -> Path:
     from speedrun.config import RunConfig, to_dict
 
     cfg = RunConfig()
-    cfg.model = ModelConfig(dim=32, n_layers=2, n_heads=2, mlp_ratio=2.0)
+    cfg.model = make("model", dim=32, n_layers=2, n_heads=2, mlp_ratio=2.0)
     cfg.data.max_length = 256
     torch.manual_seed(0)
     model = ProteinLM(cfg.model)

@@ -38,12 +38,12 @@ def select(name: str) -> str:
 def _diffusion_missing() -> str | None:
     from dataclasses import fields
 
-    from speedrun.config import ObjectiveConfig
+    from speedrun.config import MLMToDiffusionConfig
 
     missing = [f"conf/objective/{o}.yaml" for o in ("diffusion", "mlm_to_diffusion")
                if not (CONF / "objective" / f"{o}.yaml").exists()]
-    if "warmup_steps" not in {f.name for f in fields(ObjectiveConfig)}:
-        missing.append("ObjectiveConfig.warmup_steps")
+    if "mlm_steps" not in {f.name for f in fields(MLMToDiffusionConfig)}:
+        missing.append("MLMToDiffusionConfig.mlm_steps")
     return ", ".join(missing) or None
 
 
@@ -82,7 +82,7 @@ def test_every_job_of_every_sweep_composes_and_validates(path):
 
     if path.stem in NEEDS_DIFFUSION and _diffusion_missing():
         pytest.skip(f"sweep={path.stem} needs {_diffusion_missing()} (the lead is adding objective=diffusion and "
-                    "objective=mlm_to_diffusion with objective.warmup_steps); it is tested once they exist")
+                    "objective=mlm_to_diffusion with objective.mlm_steps); it is tested once they exist")
     base = compose([select(path.stem)], return_hydra=True)
     assert base.hydra.mode == RunMode.MULTIRUN and base.name == path.stem
     assert str(base.hydra.sweep.dir).startswith(f"outputs/sweeps/{path.stem}/")
@@ -118,7 +118,7 @@ def test_diffusion_sweep_uses_the_lead_s_objective_names():
     assert len(warm) >= 3
     for stem, cfg in warm.items():
         assert cfg.defaults == [{"override /objective": "mlm_to_diffusion"}]
-        assert cfg.objective.warmup_steps == int(stem.rsplit("_", 1)[1]) and cfg.objective.ramp == "step"
+        assert cfg.objective.mlm_steps == int(stem.rsplit("_", 1)[1]) and cfg.objective.ramp == "step"
 
 
 def test_search_path_is_computed_from_the_plugin_not_the_cwd(tmp_path):

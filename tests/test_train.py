@@ -170,7 +170,7 @@ def test_ctrl_c_saves_and_resume_continues(tiny_cfg, tmp_path):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("objective", ["diffusion", "mlm_to_diffusion"])
 def test_diffusion_objectives_lower_their_loss(tiny_cfg, tmp_path, objective, tied):
-    extra = ["objective.warmup_steps=10", "objective.ramp_steps=10"] if objective == "mlm_to_diffusion" else []
+    extra = ["objective.mlm_steps=10", "objective.ramp_steps=10"] if objective == "mlm_to_diffusion" else []
     summary = run(tiny_cfg(f"objective={objective}", "train.max_steps=40", "eval.every_steps=4",
                            "checkpoint.final=false", f"model.tie_embeddings={str(tied).lower()}", *extra), tmp_path)
     if tied:  # the head's decoder is the embedding matrix: one tensor, trained through both uses

@@ -53,22 +53,13 @@ def parse(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
+    from ..compose import compose as compose_run
+    from ..errors import ConfigError
 
-    from ..config import check_overrides, from_container, register_schema
-
-    problem = check_overrides(overrides, str(CONF))
-    if problem:
-        raise SystemExit(f"error: {problem}")
-    register_schema()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hcompose(config_name="config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return from_container(cfg)
+    try:
+        return compose_run(overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.eval.max_tokens = cfg.hardware.micro_batch_tokens  # the final evaluation: one batch
     cfg.checkpoint.every_steps = 0
     cfg.checkpoint.final = False
-    cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, 1)
+    cfg.optimizer.lr_warmup_steps = min(cfg.optimizer.lr_warmup_steps, 1)
 
     import torch
     import torch._dynamo.utils as dynamo_utils
