@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from speedrun import probe_tasks as pt
 from speedrun.config import ModelConfig
 from speedrun.model import ProteinLM
 from speedrun.probe import (ProbeError, classification_metrics, flat_metrics, onehot_features,
                             parse_layers, prepare, probe_model, random_init_like, run_probes, spearman)
+from speedrun.probe import tasks as pt
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "probes"
 SS3 = f"ss3@{FIX / 'flip_ss3'}"
