@@ -39,7 +39,7 @@ from __future__ import annotations
 #   tasks     what a task is and where its data comes from (FLIP, aaanalysis, tables), homology folds
 #   features  the layers, the probed subset of each task, a model's per-layer features for it
 #   fitting   metrics, the linear probes, the baselines, one model probed on every task
-#   report    flat metrics (and `run_probes` for the trainer), the table, probe.png, JSON-safe results
+#   report    flat metrics (and `run_probes` for the trainer), the table, probe.png, probe.json, summary.json
 #   __main__  the command line: a run directory in, probe.json / probe.png / summary.json out
 from .features import Prepared, check_eval_config, get_prepared, model_features, parse_layers, prepare
 from .fitting import (BASELINES, classification_metrics, fit_layers, fit_logistic, fit_ridge, onehot_features,

@@ -10,11 +10,12 @@ from typing import List, Optional, Union
 
 import torch
 
+from ..errors import cli_main
 from . import __doc__ as GUIDE
 from .features import parse_layers
 from .fitting import BASELINES, probe_model
-from .report import _jsonable, flat_metrics, format_table, plot
-from .tasks import DEFAULT_TASKS, ProbeDataError, ProbeError, task_name
+from .report import format_table, merge_summary, plot, write_probe_json
+from .tasks import DEFAULT_TASKS, ProbeError, task_name
 
 CLI_DEFAULTS = {
     "tasks": list(DEFAULT_TASKS), "layers": "all", "baselines": list(BASELINES), "max_sequences": 0,
@@ -80,40 +81,36 @@ def _parse_cli(argv: List[str]) -> tuple:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        run_dir, opts = _parse_cli(argv)
-        if opts["device"] == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(opts["device"])
-        model, info = load_run_model(run_dir, device, opts["checkpoint"])
-        run_root = Path(info["checkpoint"]).parent.parent if (run_dir / "COMPLETE").exists() else run_dir
-        max_length = opts["max_length"] or min(1024, int(info.get("max_length") or 1024))
-        ks = parse_layers(opts["layers"], len(model.blocks))
-        dtype = torch.bfloat16 if opts["dtype"] == "bf16" else torch.float32
-        print(f"probing {info['checkpoint']} (step {info.get('step')}, {len(model.blocks)} blocks, d={model.cfg.dim}) "
-              f"on {', '.join(task_name(t) for t in opts['tasks'])}; layers {ks[0]}..{ks[-1]} ({len(ks)}); "
-              f"baselines {', '.join(opts['baselines']) or 'none'}; device {device}", flush=True)
-        t0 = time.time()
-        results = probe_model(model, opts["tasks"], ks, device, baselines=opts["baselines"],
-                              max_sequences=opts["max_sequences"], max_residues=opts["max_residues"], seed=opts["seed"],
-                              data_dir=opts["data_dir"], batch_tokens=opts["batch_tokens"], max_length=max_length,
-                              dtype=dtype, log=lambda s: print(s, flush=True))
-    except (ProbeError, ProbeDataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """The command line; a known failure (bad option, missing data, unreadable run) is one line on
+    stderr, `error: ...`, and exit code 2 (errors.cli_main)."""
+    return cli_main(_probe_run, sys.argv[1:] if argv is None else argv)
+
+
+def _probe_run(argv: List[str]) -> int:
+    run_dir, opts = _parse_cli(argv)
+    if opts["device"] == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(opts["device"])
+    model, info = load_run_model(run_dir, device, opts["checkpoint"])
+    run_root = Path(info["checkpoint"]).parent.parent if (run_dir / "COMPLETE").exists() else run_dir
+    max_length = opts["max_length"] or min(1024, int(info.get("max_length") or 1024))
+    ks = parse_layers(opts["layers"], len(model.blocks))
+    dtype = torch.bfloat16 if opts["dtype"] == "bf16" else torch.float32
+    print(f"probing {info['checkpoint']} (step {info.get('step')}, {len(model.blocks)} blocks, d={model.cfg.dim}) "
+          f"on {', '.join(task_name(t) for t in opts['tasks'])}; layers {ks[0]}..{ks[-1]} ({len(ks)}); "
+          f"baselines {', '.join(opts['baselines']) or 'none'}; device {device}", flush=True)
+    t0 = time.time()
+    results = probe_model(model, opts["tasks"], ks, device, baselines=opts["baselines"],
+                          max_sequences=opts["max_sequences"], max_residues=opts["max_residues"], seed=opts["seed"],
+                          data_dir=opts["data_dir"], batch_tokens=opts["batch_tokens"], max_length=max_length,
+                          dtype=dtype, log=lambda s: print(s, flush=True))
     out_dir = Path(opts["out"]) if opts["out"] else run_root
     out_dir.mkdir(parents=True, exist_ok=True)
-    from ..rundir import read_json, write_json
-
-    flat = flat_metrics(results, full=True)
-    report = {"run_dir": str(run_root), "checkpoint": info["checkpoint"], "step": info.get("step"),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.time() - t0, 1),
-              "settings": {k: v for k, v in opts.items() if k not in ("out", "update_summary", "plot")}
-              | {"layers": ks, "max_length": max_length, "device": str(device)},
-              "tasks": _jsonable(results), "metrics": flat}
-    write_json(out_dir / "probe.json", report)
+    settings = ({k: v for k, v in opts.items() if k not in ("out", "update_summary", "plot")}
+                | {"layers": ks, "max_length": max_length, "device": str(device)})
+    write_probe_json(out_dir / "probe.json", results, run_dir=run_root, checkpoint=info["checkpoint"],
+                     step=info.get("step"), seconds=round(time.time() - t0, 1), settings=settings)
     print(format_table(results))
     print(f"wrote {out_dir / 'probe.json'}", end="")
     if opts["plot"]:
@@ -121,11 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f", {out_dir / 'probe.png'}", end="")
     summary_path = run_root / "summary.json"
     if opts["update_summary"] and summary_path.exists():
-        summary = read_json(summary_path)
-        summary = {k: v for k, v in summary.items() if not k.startswith("probe/")}
-        summary.update(flat_metrics(results, baselines=False))
-        summary["probe_step"] = info.get("step")
-        write_json(summary_path, summary)
+        merge_summary(summary_path, results, info.get("step"))
         print(f"; probe metrics merged into {summary_path}", end="")
     print()
     return 0

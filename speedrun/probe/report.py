@@ -1,6 +1,6 @@
 """What a probe run hands on: the flat metrics that metrics.jsonl and summary.json carry (and
-`run_probes`, the trainer's entry point, which returns them), the terminal table, probe.png and the
-JSON-safe results for probe.json.
+`run_probes`, the trainer's entry point, which returns them), the terminal table, probe.png, probe.json
+and the probe/ metrics merged into summary.json.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ..rundir import read_json, write_json
 from .fitting import _cuda_devices, probe_model
 from .tasks import DEFAULT_TASKS
 
@@ -170,3 +171,19 @@ def _jsonable(obj):
     if isinstance(obj, (np.floating,)):
         return float(obj)
     return obj
+
+
+def write_probe_json(path: Path, results: dict, *, run_dir: Path, checkpoint: str, step: Optional[int],
+                     seconds: float, settings: dict) -> None:
+    """probe.json: which model and settings, every layer's scores, and the flat metrics (full=True)."""
+    write_json(path, {"run_dir": str(run_dir), "checkpoint": checkpoint, "step": step,
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds, "settings": settings,
+                      "tasks": _jsonable(results), "metrics": flat_metrics(results, full=True)})
+
+
+def merge_summary(path: Path, results: dict, step: Optional[int]) -> None:
+    """Replace summary.json's probe/ metrics by these, compact ones only: each becomes a sweep-report column."""
+    summary = {k: v for k, v in read_json(path).items() if not k.startswith("probe/")}
+    summary.update(flat_metrics(results, baselines=False))
+    summary["probe_step"] = step
+    write_json(path, summary)
