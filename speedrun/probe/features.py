@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .tasks import SPLITS, ProbeDataError, ProbeError, ProbeTask, load_task
+from .tasks import RESIDUES, SPLITS, ProbeDataError, ProbeError, ProbeTask, load_task
 
-_VOCAB_RESIDUES = set("ACDEFGHIKLMNPQRSTVWYXBZUO")
+_VOCAB_RESIDUES = set(RESIDUES)
 
 
 # ---------------------------------------------------------------------------------------- options
