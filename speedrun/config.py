@@ -424,7 +424,7 @@ class EvalConfig:
     max_tokens: int = 0  # cap on validation tokens per evaluation (0 = whole split)
     batch_tokens: int = 0  # tokens per eval forward (0 = hardware.micro_batch_tokens)
     test: bool = False  # also evaluate the test split at the end
-    # representation probes during training (speedrun/probe: off by default)
+    # representation probes during training (speedrun/probe/ `run_probes`; off by default)
     probe_every: int = 0  # steps between probe runs (0 = off)
     probe_tasks: List[str] = field(default_factory=lambda: ["ss3", "meltome", "solubility"])  # names, NAME@PATH, YAMLs
     probe_layers: str = "all"  # all | last | comma-separated layer ids, e.g. "0,6,12" (0 = input embedding)

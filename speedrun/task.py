@@ -221,8 +221,7 @@ def run_task(cfg: DictConfig):
     from .checkpoint import CheckpointError
     from .data.shards import DataError
     from .dist import RankFailed, one_line
-    from .probe import ProbeError
-    from .probe_tasks import ProbeDataError
+    from .probe import ProbeDataError, ProbeError
     from .train import RunFailed, run
 
     if _global_rank() == 0:

@@ -488,7 +488,7 @@ def train(cfg: RunConfig, run_dir: Path, info: D.DistInfo) -> dict:
         return out
 
     def probe_now() -> dict:
-        """Layer-wise probes (speedrun/probe.py) on rank 0, outside the train clock; others wait."""
+        """Layer-wise probes (speedrun/probe/) on rank 0, outside the train clock; others wait."""
         nonlocal last_sync
         clock.pause()
         last_sync = None

@@ -1,4 +1,4 @@
-"""Representation probes (speedrun/probe.py, speedrun/probe_tasks.py) on tiny synthetic fixtures.
+"""Representation probes (the speedrun/probe/ package) on tiny synthetic fixtures.
 
 The fixtures' labels are simple functions of the sequence (tests/fixtures/probes/generate.py), so a
 correct probe on context-free features scores almost perfectly and a misaligned one cannot.
@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from speedrun import probe_tasks as pt
 from speedrun.config import make
+from speedrun.probe import tasks as pt
 from speedrun.model import ProteinLM
 from speedrun.probe import (ProbeError, classification_metrics, flat_metrics, onehot_features,
                             parse_layers, prepare, probe_model, random_init_like, run_probes, spearman)
+from speedrun.probe import tasks as pt
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "probes"
 SS3 = f"ss3@{FIX / 'flip_ss3'}"

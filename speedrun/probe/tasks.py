@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import SpeedrunError
+from ..errors import SpeedrunError
 
 DEFAULT_DATA_DIR = "/work/shared/data/probes"
 DATA_ENV = "SPEEDRUN_PROBE_DATA"
@@ -59,6 +59,11 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val":
                  "dev": "valid", "test": "test", "testing": "test"}
 FOLD_SEED = 20240520  # homology folds depend on the data only, never on a run's seed
 RESIDUES = "ACDEFGHIKLMNPQRSTVWYXBZUO"  # the residue letters of the ESM vocabulary
+DEFAULT_TASKS = ("ss3", "meltome", "solubility")
+
+
+class ProbeError(SpeedrunError):
+    """A probe that cannot run (bad option, unreadable run). One line, naming the fix."""
 
 
 class ProbeDataError(SpeedrunError):
@@ -551,5 +556,5 @@ def random_split(seqs: Sequence[str], fracs: dict) -> np.ndarray:
     return np.array(names, dtype=object)[np.searchsorted(edges, u, side="right").clip(max=len(names) - 1)].astype(str)
 
 
-__all__ = ["ProbeTask", "ProbeDataError", "BUILTIN", "load_task", "task_name", "table_task", "homology_clusters",
-           "homology_split", "random_split", "data_dir"]
+__all__ = ["ProbeTask", "ProbeError", "ProbeDataError", "BUILTIN", "DEFAULT_TASKS", "load_task", "task_name",
+           "table_task", "homology_clusters", "homology_split", "random_split", "data_dir"]
