@@ -134,7 +134,7 @@ def test_padding_past_the_document_cap_gives_exact_gradients(where, monkeypatch)
     """Forward and backward of a batch at the document cap: the gradients equal those of the same
     documents without padding, and the padding contributes exactly zero (issue 15, item 1)."""
     from speedrun.config import make
-    from speedrun.model import ProteinLM
+    from speedrun.models.unet import ProteinLM
     from speedrun.objectives import IGNORE
     from speedrun.packing import max_docs
 

@@ -10,7 +10,7 @@ import torch
 import speedrun
 from speedrun.config import make
 from speedrun.embed import embed
-from speedrun.model import ProteinLM, norm
+from speedrun.models.unet import ProteinLM, norm
 from speedrun.vocab import encode
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MSDNE", "GAVLIPFWMSTCYNQDEKRH" * 3, "MKV", "ACDEFGHIKLMNPQRSTVWY"]

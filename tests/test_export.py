@@ -14,7 +14,7 @@ from speedrun import checkpoint as ckpt
 from speedrun.config import RunConfig, make, to_dict
 from speedrun.embed import embed
 from speedrun.export import ExportError, export, load, main, push
-from speedrun.model import ProteinLM
+from speedrun.models.unet import ProteinLM
 from speedrun.vocab import encode
 
 SECRET = "hf_EXPORT_TOKEN_MUST_NOT_LEAK_42"

@@ -14,7 +14,7 @@ from speedrun.config import DataConfig, RunConfig, make, to_dict
 from speedrun.generate import (CANONICAL_IDS, EXTENDED_IDS, GenerateConfig, GenerateError, commit_schedule,
                                generate, infill_template, letters, main, read_infill, sample,
                                unconditional_template)
-from speedrun.model import ProteinLM
+from speedrun.models.unet import ProteinLM
 from speedrun.vocab import CLS, EOS, MASK, TOKEN_TO_ID
 
 CANONICAL = set("ACDEFGHIKLMNPQRSTVWY")
@@ -198,7 +198,7 @@ def _read_fasta(path: Path) -> list[tuple[str, str]]:
 
 
 def test_patch_unet_checkpoint_generates_and_infills(tmp_path):
-    from speedrun.patch_unet import PatchUNet
+    from speedrun.models.patch_unet import PatchUNet
 
     mc = make("model", arch="patch_unet", dim=32, n_heads=2, n_layers=4, n_extra_layers=1, mlp_ratio=2.0)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from speedrun.config import make, mlp_hidden
-from speedrun.model import ProteinLM, count_params_formula
+from speedrun.models.unet import ProteinLM, count_params_formula
 from speedrun.vocab import CLS, EOS, MASK
 
 
@@ -153,7 +153,7 @@ def test_documents_do_not_see_each_other():
 
 def test_memory_estimate_matches_the_h200_measurements():
     """Measured on an H200 (speedrun/bench/results): 41.0 GiB at 65,536 tokens, 79.6 GiB at 131,072."""
-    from speedrun.model import estimate_memory_gib
+    from speedrun.models.unet import estimate_memory_gib
     assert estimate_memory_gib(make("model"), 65536, "bf16") == pytest.approx(41.0, rel=0.03)
     assert estimate_memory_gib(make("model"), 131072, "bf16") == pytest.approx(79.6, rel=0.03)
     assert estimate_memory_gib(make("model", arch="patch_unet"), 65536, "bf16") is None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from speedrun.config import make
-from speedrun.model import ProteinLM
+from speedrun.models.unet import ProteinLM
 from speedrun.optim import (Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum,
                             param_groups, zeropower_via_newtonschulz5)
 

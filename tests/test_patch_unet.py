@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from speedrun.config import ConfigError, make
-from speedrun.patch_unet import PatchUNet, hidden_sizes
+from speedrun.models.patch_unet import PatchUNet, hidden_sizes
 from speedrun.vocab import CLS, EOS, MASK, PAD
 
 REFERENCE = dict(arch="patch_unet", dim=768, n_heads=12, n_layers=12, n_extra_layers=4, mlp_ratio=2.0)
@@ -121,7 +121,7 @@ def test_forward_backward_every_parameter_gets_a_gradient(kw, L):
 
 
 def test_bottleneck_levels_when_the_length_reaches_one():
-    from speedrun.patch_unet import BottleneckMLP
+    from speedrun.models.patch_unet import BottleneckMLP
 
     m = _tiny(L=8, n_layers=10, n_extra_layers=0)  # E=5 depths, log2(8)=3 -> depths 3, 4 are MLPs
     assert [type(b).__name__ for b in m.encoder] == ["RowBlock"] * 3 + ["BottleneckMLP"] * 2

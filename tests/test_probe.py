@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT
 from speedrun.config import make
 from speedrun.probe import tasks as pt
-from speedrun.model import ProteinLM
+from speedrun.models.unet import ProteinLM
 from speedrun.probe import (ProbeError, classification_metrics, flat_metrics, onehot_features,
                             parse_layers, prepare, probe_model, random_init_like, run_probes, spearman)
 from speedrun.probe import tasks as pt

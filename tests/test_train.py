@@ -121,7 +121,7 @@ def test_full_disk_keeps_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    from speedrun.model import ProteinLM
+    from speedrun.models.unet import ProteinLM
     model = ProteinLM(tiny_cfg().model)
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.save(tmp_path / "checkpoints", 5, model, {"step": 5})
@@ -174,7 +174,7 @@ def test_diffusion_objectives_lower_their_loss(tiny_cfg, tmp_path, objective, ti
     summary = run(tiny_cfg(f"objective={objective}", "train.max_steps=40", "eval.every_steps=4",
                            "checkpoint.final=false", f"model.tie_embeddings={str(tied).lower()}", *extra), tmp_path)
     if tied:  # the head's decoder is the embedding matrix: one tensor, trained through both uses
-        from speedrun.model import ProteinLM
+        from speedrun.models.unet import ProteinLM
         m = ProteinLM(tiny_cfg("model.tie_embeddings=true").model)
         assert summary["n_params"] == m.num_params() < ProteinLM(tiny_cfg().model).num_params()
     # the 1/t-weighted training loss is noisy on tiny batches: judge progress on the fixed validation set

@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttnContext, attend, build_context, flex_available, varlen_available
-from .config import ModelConfig, mlp_hidden
-from .fp8 import fp8_linear
-from .vocab import MASK
+from ..attention import AttnContext, attend, build_context, flex_available, varlen_available
+from ..config import ModelConfig, mlp_hidden
+from ..fp8 import fp8_linear
+from ..vocab import MASK
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

@@ -68,10 +68,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import _flex_fn, allowed, flex_available
-from .config import ConfigError, ModelConfig, mlp_hidden
-from .model import MLP, CastedLinear, LMHead, norm
-from .vocab import MASK
+from ..attention import _flex_fn, allowed, flex_available
+from ..config import ConfigError, ModelConfig, mlp_hidden
+from .unet import MLP, CastedLinear, LMHead, norm
+from ..vocab import MASK
 
 
 def hidden_sizes(dim: int, n_levels: int, n_heads: int, max_head_dim: int = 128) -> list[int]:
