@@ -51,16 +51,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pick_device(want: str, local_rank: int) -> torch.device:
+def pick_device(want: str, local_rank: int, dry_run: bool = False) -> torch.device:
+    """The rank's device. Without a GPU, hardware.device=cuda is one line — except in a dry run, which
+    then checks the config on the CPU (a login node)."""
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu")
+        if dry_run:
+            return torch.device("cpu")
+        raise DeviceError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu, or dry_run=true to "
+                          "check the config on this machine")
     n = torch.cuda.device_count()
     idx = 0 if n == 1 else local_rank
     if idx >= n:
-        raise RuntimeError(f"rank with local rank {local_rank} needs GPU {idx} but only {n} are visible: "
-                           "lower hardware.gpus or fix CUDA_VISIBLE_DEVICES")
+        raise DeviceError(f"rank with local rank {local_rank} needs GPU {idx} but only {n} are visible: "
+                          "lower hardware.gpus or fix CUDA_VISIBLE_DEVICES")
     return torch.device("cuda", idx)
 
 
@@ -88,14 +93,14 @@ def detect_mode(gpus: int) -> str:
     return "spawn" if gpus > 1 else "single"
 
 
-def init(device_pref: str, mode: str) -> DistInfo:
+def init(device_pref: str, mode: str, dry_run: bool = False) -> DistInfo:
     """Initialise this process as a rank (or as the only process). Call once per process."""
     if mode == "submitit":
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if mode == "single":
-        return DistInfo(device=pick_device(device_pref, 0))
+        return DistInfo(device=pick_device(device_pref, 0, dry_run))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = pick_device(device_pref, local_rank)
@@ -107,6 +112,10 @@ def init(device_pref: str, mode: str) -> DistInfo:
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30), **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, mode=mode)
+
+
+class DeviceError(SpeedrunError):
+    """The configured device is not there (one line naming the fix)."""
 
 
 class RankFailed(SpeedrunError):
@@ -177,6 +186,7 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
 
 
 def cleanup() -> None:
+    _CONTROL_GROUP.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -192,3 +202,31 @@ def all_reduce_max(x: float, info: DistInfo) -> float:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def launch_rank() -> int:
+    """This process's global rank before any process group exists: torchrun/spawn set RANK, SLURM tasks
+    SLURM_PROCID (0 for a single process)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+_CONTROL_GROUP: dict = {}
+
+
+def control_group(info: DistInfo):
+    """A gloo (CPU) group for the per-step control all-reduce, so it never synchronises the GPU stream;
+    None (the default group) when the default group is gloo already or there is one rank."""
+    if not info.distributed or dist.get_backend() == "gloo":
+        return None
+    if "group" not in _CONTROL_GROUP:
+        _CONTROL_GROUP["group"] = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP["group"]
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """`obj` of every rank, in rank order, on every rank (pickled: small things such as data cursors)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

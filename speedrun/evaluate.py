@@ -108,3 +108,23 @@ def evaluate(model, evalset: EvalSet, *, device: torch.device, window: int, dtyp
     out.update({f"{prefix}_{k}": v for k, v in confusion_metrics(cm).items()})
     out[f"{prefix}_unigram_loss"] = unigram_entropy(cm.sum(1))
     return out
+
+
+class Evaluator:
+    """The protocol bound to a model and its evaluation set: `evaluator(window, prefix, evalset)` runs
+    `evaluate` and, for the diffusion objectives, the loss at each fixed masking level `levels`
+    (`{prefix}_loss_t10` ...)."""
+
+    def __init__(self, model, evalset: EvalSet, *, device: torch.device, dtype: torch.dtype, rank: int = 0,
+                 world_size: int = 1, mask_rate: float = 0.15, levels=()):
+        self.model, self.evalset, self.levels = model, evalset, tuple(levels)
+        self.kw = dict(device=device, dtype=dtype, rank=rank, world_size=world_size)
+        self.mask_rate = mask_rate
+
+    def __call__(self, window: int, prefix: str = "val", evalset: EvalSet | None = None) -> dict:
+        es = evalset if evalset is not None else self.evalset
+        out = evaluate(self.model, es, window=window, mask_rate=self.mask_rate, prefix=prefix, **self.kw)
+        for level in self.levels:
+            lv = evaluate(self.model, es, window=window, mask_rate=level, prefix=prefix, loss_only=True, **self.kw)
+            out[f"{prefix}_loss_t{round(level * 100):02d}"] = lv[f"{prefix}_loss"]
+        return out

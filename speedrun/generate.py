@@ -43,7 +43,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import checkpoint as ckpt
 from .errors import SpeedrunError
 from .config import ModelConfig
 from .objectives import generator_for
@@ -263,46 +262,18 @@ def letters(ids: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------- runs
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model in eval mode on `device`, the run's config dict, checkpoint path) from RUN_DIR's newest
-    complete checkpoint."""
-    from safetensors.torch import load_model
+    sound checkpoint (speedrun.models.open_model: JSON and safetensors only)."""
+    from .models.load import ModelLoadError, open_model
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GenerateError(f"{run_dir} is not a directory: pass a run directory "
                             "(outputs/runs/<name>/<date>_<time>_<us>)")
-    path = ckpt.latest(run_dir / "checkpoints")
-    if path is None:
-        raise GenerateError(f"{run_dir} has no complete checkpoint in {run_dir / 'checkpoints'}: let the run finish "
-                            "(or resume it) so it writes one, or pass another run directory")
     try:
-        try:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise GenerateError(f"cannot read {path / 'state.pt'}: {str(exc).splitlines()[0]}: pick another run") from None
-    cfg = state.get("config")
-    if not cfg or "model" not in cfg:
-        raise GenerateError(f"{path / 'state.pt'} holds no run config: it was not written by speedrun.train")
-    from .config import make, option_class
-
-    known = {f.name for f in dataclasses.fields(option_class("model", cfg["model"].get("arch", "unet")))}
-    mcfg = make("model", **{k: v for k, v in cfg["model"].items() if k in known})
-    if mcfg.arch == "patch_unet":
-        from .patch_unet import PatchUNet
-        model = PatchUNet(mcfg, cfg["data"]["max_length"])
-    else:
-        from .model import ProteinLM
-        model = ProteinLM(mcfg)
-    try:
-        load_model(model, str(path / "model.safetensors"))
-    except Exception as exc:
-        raise GenerateError(f"cannot load {path / 'model.safetensors'}: {str(exc).splitlines()[0]}") from None
-    device = torch.device(device)
-    model = model.to(device).eval()
-    if hasattr(model, "set_attention_backend"):
-        model.set_attention_backend(device)
-    return model, cfg, path
+        model = open_model(run_dir, device=device)
+    except ModelLoadError as exc:
+        raise GenerateError(str(exc)) from None
+    return model, model.meta.get("training") or {}, Path(model.meta.get("checkpoint") or run_dir)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -334,7 +305,7 @@ def generate(run_dir: str | os.PathLike, g: GenerateConfig, trace: Optional[list
     check(g)
     device = resolve_device(g.device)
     model, cfg, path = load_run(run_dir, device)
-    max_length = int(cfg["data"]["max_length"])
+    max_length = int(model.meta.get("max_length") or cfg.get("data", {}).get("max_length", 1024))
     window = g.window or int(cfg.get("train", {}).get("window_end") or max_length)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.get("hardware", {}).get("precision") == "bf16" \
         else torch.float32
@@ -434,7 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   file=sys.stderr)
         else:
             write_fasta(records, g, info["steps"], sys.stdout)
-    except (GenerateError, ckpt.CheckpointError) as exc:
+    except SpeedrunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

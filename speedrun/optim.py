@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -60,17 +61,31 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
     return X
 
 
+def _weight(value: float, keep: Optional[torch.Tensor]):
+    """`value`, or value x keep (a 0-dim 0/1 tensor on the device) when updates are masked."""
+    return value if keep is None else keep * value
+
+
 class Muon(torch.optim.Optimizer):
-    """Muon with the work of orthogonalisation shared across data-parallel ranks."""
+    """Muon with the work of orthogonalisation shared across data-parallel ranks.
+
+    `step(keep=...)` takes an optional 0-dim tensor (1.0: apply, 0.0: skip) that masks the whole update
+    on the device — momentum and weights stay exactly as they were when it is 0 (the gradients must be
+    finite; TrainStep zeroes non-finite ones) — so skipping a non-finite step needs no host sync.
+
+    A parameter group may carry `fused_with`: tuples of indices into its params, orthogonalised as one
+    matrix stacked along rows (q, k, v as one 3d x d matrix, as the Dec-2024 recipe did; its lr scale
+    sqrt(3) follows from the stacked shape). Indices, not tensors, so that state_dict stays small and a
+    restored optimizer still points at the model's own parameters."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
         params = list(params)
-        for p in params:
+        for p in params if not isinstance(params[0], dict) else [q for g in params for q in g["params"]]:
             if p.ndim != 2:
                 raise ValueError(f"Muon takes 2-D matrices only, got shape {tuple(p.shape)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
-    def _directions(self, plist: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+    def _directions(self, plist: list[torch.Tensor], group: dict, keep) -> list[torch.Tensor]:
         """Advance the momentum buffers of `plist` (on every rank, so every rank holds the full state)
         and return the directions to orthogonalise. Foreach kernels: one launch per list, not per matrix."""
         bufs = []
@@ -80,44 +95,106 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(state["momentum_buffer"])
         grads = [p.grad for p in plist]
-        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+        w = _weight(1 - group["momentum"], keep)
+        torch._foreach_lerp_(bufs, grads, w if keep is None else [w] * len(bufs))
         return torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
 
     @staticmethod
-    def _apply(plist: list[torch.Tensor], updates: list[torch.Tensor], lr: float) -> None:
-        """W <- W - lr·sqrt(max(1, rows/cols))·O for matrices of one shape (updates already in the
-        parameters' dtype), in one foreach launch."""
-        scale = math.sqrt(max(1.0, plist[0].size(0) / plist[0].size(1)))
-        torch._foreach_add_(plist, updates, alpha=-lr * scale)
+    def _apply(plist: list[torch.Tensor], updates: list[torch.Tensor], lr: float, shape, keep) -> None:
+        """W <- W - lr·sqrt(max(1, rows/cols))·O for matrices of one (stacked) shape, updates already in
+        the parameters' dtype, in one foreach launch."""
+        scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+        if keep is None:
+            torch._foreach_add_(plist, updates, alpha=-lr * scale)
+        else:
+            torch._foreach_mul_(updates, keep * (-lr * scale))
+            torch._foreach_add_(plist, updates)
+
+    def _units(self, group: dict) -> list[tuple]:
+        """Tuples of parameters orthogonalised together: the fused sets, then every other matrix alone."""
+        fused = [tuple(group["params"][i] for i in t) for t in group.get("fused_with", ())]
+        inside = {id(p) for t in fused for p in t}
+        return fused + [(p,) for p in group["params"] if id(p) not in inside]
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, keep: Optional[torch.Tensor] = None):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
             by_shape = defaultdict(list)
-            for p in params:
-                by_shape[tuple(p.shape)].append(p)
-            for shape, plist in by_shape.items():
-                directions = self._directions(plist, group)
-                if world == 1:  # one batched Newton-Schulz per shape: a few large kernels, not many small ones
-                    out = zeropower_via_newtonschulz5(torch.stack(directions), group["ns_steps"])
-                    self._apply(plist, list(out.to(plist[0].dtype).unbind(0)), group["lr"])
-                    continue
-                # rank r orthogonalises matrices r, r+world, ... of this shape (batched), then all ranks
-                # exchange results; the last chunk is padded with zeros so every rank sends the same shape
-                n_chunks = -(-len(plist) // world)
-                mine = [directions[i] for i in range(rank, len(plist), world)]
-                local = torch.zeros((n_chunks, *shape), dtype=torch.bfloat16, device=plist[0].device)
-                if mine:
-                    local[:len(mine)] = zeropower_via_newtonschulz5(torch.stack(mine), group["ns_steps"])
-                gathered = torch.empty((world * n_chunks, *shape), dtype=torch.bfloat16, device=local.device)
-                dist.all_gather_into_tensor(gathered, local)  # rank r's chunk lands at rows r*n_chunks...
-                gathered = gathered.to(plist[0].dtype)
-                self._apply(plist, [gathered[(i % world) * n_chunks + i // world] for i in range(len(plist))],
-                            group["lr"])
+            for unit in self._units(group):
+                if all(p.grad is not None for p in unit):
+                    by_shape[(len(unit), sum(p.size(0) for p in unit), unit[0].size(1))].append(unit)
+            for (_, *shape), units in by_shape.items():
+                flat = [p for unit in units for p in unit]
+                parts = self._directions(flat, group, keep)
+                width = len(units[0])
+                directions = [torch.cat(parts[i * width:(i + 1) * width]) if width > 1 else parts[i]
+                              for i in range(len(units))]
+                out = self._orthogonalise(directions, shape, group["ns_steps"], world, rank)
+                updates = [o.to(flat[0].dtype) for o in out]
+                if width > 1:  # split each stacked update back onto its parameters
+                    updates = [piece for o, unit in zip(updates, units)
+                               for piece in o.split([p.size(0) for p in unit])]
+                self._apply(flat, updates, group["lr"], shape, keep)
         return None
+
+    @staticmethod
+    def _orthogonalise(directions: list[torch.Tensor], shape, ns_steps: int, world: int, rank: int) -> list:
+        if world == 1:  # one batched Newton-Schulz per shape: a few large kernels, not many small ones
+            return list(zeropower_via_newtonschulz5(torch.stack(directions), ns_steps).unbind(0))
+        # rank r orthogonalises matrices r, r+world, ... of this shape (batched), then all ranks exchange
+        # results; the last chunk is padded with zeros so every rank sends the same shape
+        n_chunks = -(-len(directions) // world)
+        mine = [directions[i] for i in range(rank, len(directions), world)]
+        local = torch.zeros((n_chunks, *shape), dtype=torch.bfloat16, device=directions[0].device)
+        if mine:
+            local[:len(mine)] = zeropower_via_newtonschulz5(torch.stack(mine), ns_steps)
+        gathered = torch.empty((world * n_chunks, *shape), dtype=torch.bfloat16, device=local.device)
+        dist.all_gather_into_tensor(gathered, local)  # rank r's chunk lands at rows r*n_chunks...
+        return [gathered[(i % world) * n_chunks + i // world] for i in range(len(directions))]
+
+
+class Adam(torch.optim.Optimizer):
+    """Adam / AdamW (decoupled weight decay) whose update can be masked on the device, as Muon's: with
+    `keep` = 0 the moments, the step count and the weights stay exactly as they were. Foreach kernels,
+    torch.optim.Adam's formulas (equal to it up to rounding: tested), state on the parameters' device."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None, keep: Optional[torch.Tensor] = None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                                 exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            self._update(params, group, keep)
+        return None
+
+    def _update(self, params: list, group: dict, keep) -> None:
+        grads = [p.grad for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        steps = [self.state[p]["step"] for p in params]
+        (beta1, beta2), lr, n = group["betas"], group["lr"], len(params)
+        one = torch.ones((), device=params[0].device) if keep is None else keep
+        torch._foreach_add_(steps, [one] * n)
+        torch._foreach_lerp_(m, grads, [one * (1 - beta1)] * n)
+        torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), [one * (1 - beta2)] * n)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, [1 - one * (lr * group["weight_decay"])] * n)
+        counted = torch._foreach_maximum(steps, 1.0)  # a run whose first steps were all skipped has step 0
+        bc1 = torch._foreach_sub(torch._foreach_pow(beta1, counted), 1.0)  # -(1 - beta1^t)
+        bc2 = torch._foreach_sqrt(torch._foreach_neg(torch._foreach_sub(torch._foreach_pow(beta2, counted), 1.0)))
+        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(v), bc2), group["eps"])
+        step_size = torch._foreach_div([one * lr] * n, bc1)  # -lr·keep / (1 - beta1^t)
+        torch._foreach_addcdiv_(params, torch._foreach_mul(m, step_size), denom)
 
 
 def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -144,25 +221,28 @@ def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
 
 def build_optimizers(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """The optimizers of a run. Each param group remembers its base lr in 'base_lr' and its kind."""
-    fused = device.type == "cuda"
     if cfg.name == "adamw":
         params = [p for p in {id(p): p for p in model.parameters() if p.requires_grad}.values()]
-        opt = torch.optim.AdamW([dict(params=params, lr=cfg.lr, base_lr=cfg.lr, kind="adam")],
-                                lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                fused=fused)
-        return [opt]
+        return [Adam([dict(params=params, lr=cfg.lr, base_lr=cfg.lr, kind="adam", name="all")], lr=cfg.lr,
+                     betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)]
     g = param_groups(model)
     adam_groups = [
         dict(params=[p for _, p in g[k]], lr=lr, base_lr=lr, kind="adam", name=k)
         for k, lr in (("embed", cfg.lr_embed), ("head", cfg.lr_head), ("scalar", cfg.lr_scalar)) if g[k]
     ]
-    adam = torch.optim.Adam(adam_groups, lr=cfg.lr_embed, betas=tuple(cfg.betas), eps=cfg.eps,
-                            weight_decay=0.0, fused=fused)
-    muon = Muon([p for _, p in g["hidden"]], lr=cfg.lr_hidden, momentum=cfg.momentum,
-                nesterov=cfg.nesterov, ns_steps=cfg.ns_steps)
-    for group in muon.param_groups:
-        group.update(base_lr=cfg.lr_hidden, kind="muon", name="hidden")
+    adam = Adam(adam_groups, lr=cfg.lr_embed, betas=tuple(cfg.betas), eps=cfg.eps)
+    hidden = dict(params=[p for _, p in g["hidden"]], base_lr=cfg.lr_hidden, kind="muon", name="hidden")
+    if getattr(cfg, "fused_qkv", False):
+        index = {id(p): i for i, p in enumerate(hidden["params"])}
+        hidden["fused_with"] = [tuple(index[id(p)] for p in t) for t in qkv_sets(model)]
+    muon = Muon([hidden], lr=cfg.lr_hidden, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps)
     return [muon, adam]
+
+
+def qkv_sets(model: nn.Module) -> list[tuple]:
+    """(q, k, v) weight triples of every attention layer that has separate q/k/v matrices."""
+    return [(m.q.weight, m.k.weight, m.v.weight) for m in model.modules()
+            if all(isinstance(getattr(m, a, None), nn.Module) for a in ("q", "k", "v"))]
 
 
 def lr_multiplier(cfg: OptimizerConfig, step: int, total: int, warmup: bool = True) -> float:

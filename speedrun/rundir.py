@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -204,8 +205,9 @@ def environment(extra: dict | None = None, repo: Path | None = None) -> tuple[di
     return env, diff
 
 
-def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
-    """Logger 'speedrun' writing to run_dir/rank{r}.log (and the console on rank 0)."""
+def setup_logging(run_dir: Optional[Path], rank: int) -> logging.Logger:
+    """Logger 'speedrun' writing to run_dir/rank{r}.log (and the console on rank 0); console only when
+    run_dir is None (a dry run of an existing run writes nothing into it)."""
     log = logging.getLogger("speedrun")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -213,12 +215,13 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
         log.removeHandler(h)
         h.close()
     fmt = logging.Formatter("[%(asctime)s][rank%(rank)s] %(message)s", "%H:%M:%S")
-    try:
-        fh = logging.FileHandler(Path(run_dir) / f"rank{rank}.log")
-    except OSError as exc:
-        raise _write_error(Path(run_dir) / f"rank{rank}.log", exc) from exc
-    fh.setFormatter(fmt)
-    log.addHandler(fh)
+    if run_dir is not None:
+        try:
+            fh = logging.FileHandler(Path(run_dir) / f"rank{rank}.log")
+        except OSError as exc:
+            raise _write_error(Path(run_dir) / f"rank{rank}.log", exc) from exc
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
     if rank == 0:
         sh = logging.StreamHandler(sys.stdout)
         sh.setFormatter(logging.Formatter("%(message)s"))
@@ -232,3 +235,92 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
         factory._speedrun = True  # type: ignore[attr-defined]
         logging.setLogRecordFactory(factory)
     return log
+
+
+# ---- claiming a run directory: new, ours to resume, finished, or someone else's --------------------
+@dataclass
+class Claim:
+    """What this process may do with a run directory.
+
+    kind: new (empty or fresh) | resume (our run, from `checkpoint`) | restart (our run, stopped before
+    its first checkpoint) | done (our run, finished: `summary`) | readonly (a dry run into a directory
+    that holds a run: it writes nothing there)."""
+    kind: str
+    checkpoint: Optional[Path] = None
+    summary: dict = field(default_factory=dict)
+    changed: list = field(default_factory=list)  # keys that differ from the run's identity (resume=must)
+
+    @property
+    def writes(self) -> bool:
+        return self.kind != "readonly"
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    from .checkpoint import latest
+
+    return any((run_dir / n).exists() for n in ("summary.json", "metrics.jsonl", "run.json")) or \
+        latest(run_dir / "checkpoints") is not None
+
+
+def _identity(run_dir: Path, cfg) -> tuple[dict, bool, list]:
+    from .config import diff_keys, semantic_dict, signature
+
+    ident = read_json(run_dir / "run.json")
+    stored = ident.get("config")
+    if not isinstance(stored, dict):
+        return ident, False, []
+    same = signature(stored) == signature(cfg)
+    return ident, same, ([] if same else diff_keys(semantic_dict(stored), semantic_dict(cfg)))
+
+
+def claim(run_dir: Path, cfg, *, is_main: bool) -> Claim:
+    """Decide what this run may do in `run_dir` (see Claim). A directory holding another run's results
+    is refused with one line; the caller holds the directory's lock (speedrun.fsutil.FolderLock)."""
+    from . import checkpoint as ckpt
+    from .errors import CheckpointError, FolderError
+
+    run_dir = Path(run_dir)
+    if cfg.dry_run:
+        return Claim("readonly" if holds_a_run(run_dir) else "new")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirWriteError(f"cannot create the run directory {run_dir}: {exc.strerror or exc} - choose another "
+                               "run directory (hydra.run.dir=...)") from exc
+    previous = read_json(run_dir / "summary.json")
+    ident, same, changed = _identity(run_dir, cfg)
+    what = ", ".join(changed[:6])
+    if previous.get("status") == "done":
+        if ident and not same:
+            raise FolderError(f"{run_dir} holds a finished run with a different config ({what}): start in a new "
+                              "directory (drop hydra.run.dir / hydra.sweep.dir)")
+        return Claim("done", summary=previous)
+    found = ckpt.find(run_dir / "checkpoints") if cfg.resume != "never" else None
+    if cfg.resume == "must" and found is None:
+        raise CheckpointError(f"resume=must but {run_dir / 'checkpoints'} holds no complete checkpoint")
+    if ckpt.latest(run_dir / "checkpoints") is not None or (run_dir / "metrics.jsonl").exists():
+        if cfg.resume == "never" or (cfg.resume != "must" and not same):
+            why = f"a run with a different config ({what})" if changed else "another run's results"
+            raise FolderError(f"{run_dir} already holds {why}; start in a new directory (drop hydra.run.dir), "
+                              "or resume=must to continue it anyway")
+        if found is None:  # our own run, stopped before its first (sound) checkpoint: start it over
+            if is_main:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return Claim("restart", changed=changed)
+        return Claim("resume", checkpoint=found, changed=changed)
+    return Claim("new")
+
+
+def write_identity(run_dir: Path, cfg, changed: list) -> None:
+    """run.json: the run's identity, written once — or again after resume=must continued it with another
+    config, keeping the earlier identities under "history"."""
+    from .config import semantic_dict, signature
+
+    path = Path(run_dir) / "run.json"
+    old = read_json(path)
+    if old and not changed:
+        return
+    new = {"signature": signature(cfg), "config": semantic_dict(cfg)}
+    if old:
+        new["history"] = old.get("history", []) + [{k: old[k] for k in ("signature", "config") if k in old}]
+    write_json(path, new)

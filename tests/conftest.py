@@ -60,3 +60,12 @@ def tiny_cfg():
     def make(*extra: str):
         return typed(TINY + list(extra))
     return make
+
+
+def save_checkpoint(root, step: int, model, cfg, **trainer):
+    """A checkpoint as the trainer writes it (speedrun.checkpoint.save), for tests that fake a run."""
+    from speedrun import checkpoint as ckpt
+    from speedrun.config import to_dict
+
+    return ckpt.save(Path(root), step, model, config={"run": to_dict(cfg), "model": to_dict(cfg.model)},
+                     trainer_state={"step": step, **trainer}, tensors={})

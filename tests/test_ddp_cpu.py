@@ -31,16 +31,17 @@ ARGS = ("hardware.device=cpu", f"train.max_steps={STEPS}", "train.batch_tokens=2
 
 def _record_weights(cfg, run_dir: str, out_dir: str) -> None:
     """A spawned rank: run the normal rank entry point, then save this rank's final weights."""
+    import speedrun.models.unet as U
     import speedrun.train as T
 
     made = []
+    real_init = U.ProteinLM.__init__
 
-    class Recording(T.ProteinLM):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
+    def recording(self, *a, **k):  # the model part records the instances it makes in this process
+        real_init(self, *a, **k)
+        made.append(self)
 
-    T.ProteinLM = Recording
+    U.ProteinLM.__init__ = recording
     T._rank_main(cfg, run_dir, "spawn")
     state = {k: v.detach().clone() for k, v in made[0].state_dict().items()}
     torch.save(state, Path(out_dir) / f"weights{os.environ['RANK']}.pt")

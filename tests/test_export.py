@@ -54,10 +54,11 @@ def _logits(model, window=256):
 
 
 def _from_checkpoint(run_dir: Path) -> ProteinLM:
-    path = ckpt.latest(run_dir / "checkpoints")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    model = ProteinLM(make("model", **state["config"]["model"]))
-    ckpt.load(path, model, torch.device("cpu"))
+    from speedrun.models.load import load_weights
+
+    saved = ckpt.read(ckpt.find(run_dir / "checkpoints"))
+    model = ProteinLM(make("model", **saved.config["model"]))
+    load_weights(model, saved.weights)
     return model.eval()
 
 
@@ -65,7 +66,8 @@ def test_export_writes_config_weights_and_card(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     out = export(trained, tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "README.md", "config.json", "model.safetensors"]
     meta = json.loads((out / "config.json").read_text())
     summary = json.loads((trained / "summary.json").read_text())
     assert meta["format"] == "speedrun-plm" and meta["model"]["dim"] == 64 and len(meta["vocab"]) == 33
@@ -108,7 +110,8 @@ def test_tied_weights_round_trip(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.1)
-    ckpt.save(tmp_path / "run" / "checkpoints", 7, model, {"config": to_dict(cfg), "step": 7, "tokens": 70})
+    ckpt.save(tmp_path / "run" / "checkpoints", 7, model, config={"run": to_dict(cfg), "model": to_dict(cfg.model)},
+              trainer_state={"step": 7, "tokens": 70}, tensors={})
     out = export(tmp_path / "run", tmp_path / "out")  # no summary.json: the card says so
     assert "No validation metrics" in (out / "README.md").read_text()
     loaded = load(out)
@@ -151,7 +154,9 @@ def test_push_uses_the_env_token_and_hub_loading_uses_snapshot_download(trained,
     for p in list(out.iterdir()) + list((hub / "someone/tiny-plm").iterdir()):
         assert SECRET.encode() not in p.read_bytes()
     model = speedrun.load("someone/tiny-plm")
-    assert calls[-1] == ("snapshot_download", "someone/tiny-plm", ["config.json", "model.safetensors"])
+    assert calls[-1][:2] == ("snapshot_download", "someone/tiny-plm")
+    patterns = calls[-1][2]
+    assert {"config.json", "model.safetensors"} <= set(patterns) and not any(".py" in x for x in patterns)
     assert torch.equal(_logits(model), _logits(_from_checkpoint(trained)))
 
 
@@ -164,7 +169,10 @@ def test_errors_are_one_line(trained, tmp_path, monkeypatch, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     with pytest.raises(ExportError, match="not a Hub repo id"):
         load(str(tmp_path / "missing"))
-    with pytest.raises(ExportError, match="neither an export folder"):
+    with pytest.raises(ExportError, match="holds no complete checkpoint"):
+        load(empty)
+    (empty / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ExportError, match="is neither a run directory"):
         load(empty)
 
     def offline_hub(repo_id, **kw):

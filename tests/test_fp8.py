@@ -53,11 +53,11 @@ def test_fp8_linear_keeps_leading_dimensions():
 
 
 def test_enable_fp8_switches_only_the_block_matrices_and_training_step_matches(tiny_cfg):
-    from speedrun.train import build_model
+    from speedrun.models import build_model
 
     cfg = tiny_cfg()
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     model.set_attention_backend(torch.device("cpu"))
     T = 256
     ids = torch.randint(4, 24, (T,))
@@ -110,11 +110,12 @@ def test_memory_budget_must_be_in_zero_one(tiny_cfg, bad):
 def test_compile_model_sets_the_activation_memory_budget(tiny_cfg):
     import torch._functorch.config as functorch_config
 
-    from speedrun.train import build_model, compile_model
+    from speedrun.models import build_model
+    from speedrun.setup import compile_model
 
     before = functorch_config.activation_memory_budget
     try:
-        compile_model(build_model(tiny_cfg()), "blocks", 0.9)  # lazy: nothing is compiled until a call
+        compile_model(build_model(tiny_cfg().model), "blocks", 0.9)  # lazy: nothing is compiled until a call
         assert functorch_config.activation_memory_budget == 0.9
     finally:
         functorch_config.activation_memory_budget = before

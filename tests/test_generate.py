@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_checkpoint
+
 from speedrun import checkpoint as ckpt
 from speedrun.config import DataConfig, RunConfig, make, to_dict
 from speedrun.generate import (CANONICAL_IDS, EXTENDED_IDS, GenerateConfig, GenerateError, commit_schedule,
@@ -186,7 +188,7 @@ def test_top_k_1_and_temperature_to_zero_equal_greedy_argmax():
 # ---------------------------------------------------------------------------------------- run dirs
 def _save_run(run_dir: Path, model, model_cfg: ModelConfig, max_length: int, step=2):
     cfg = RunConfig(model=model_cfg, data=DataConfig(max_length=max_length))
-    ckpt.save(run_dir / "checkpoints", step, model, {"step": step, "config": to_dict(cfg)})
+    save_checkpoint(run_dir / "checkpoints", step, model, cfg)
 
 
 def _read_fasta(path: Path) -> list[tuple[str, str]]:

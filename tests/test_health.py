@@ -12,24 +12,29 @@ import time
 import pytest
 import torch
 
-import speedrun.train as T
 from speedrun import checkpoint as ckpt
+from speedrun.evaluate import Evaluator
+from speedrun.step import MaskedLM, TrainStep
 from speedrun.train import RunFailed, run
 
 
 def _inject(monkeypatch, bad_calls: set, value=float("nan")):
-    """Make the training loss non-finite on the given (1-based) calls."""
-    real = T.dense_loss
+    """Make the training loss non-finite on the given (1-based) calls: through the step's loss module."""
+    real = MaskedLM.forward
     calls = {"n": 0}
 
-    def fake(*a, **k):
-        loss = real(*a, **k)
+    def fake(self, *a, **k):
+        loss = real(self, *a, **k)
         calls["n"] += 1
         if calls["n"] in bad_calls:
             loss = loss * value
         return loss
 
-    monkeypatch.setattr(T, "dense_loss", fake)
+    monkeypatch.setattr(MaskedLM, "forward", fake)
+
+
+def _raise_oom(self, *a, **k):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
 def _rows(d):
@@ -48,28 +53,48 @@ def test_a_non_finite_step_is_skipped(tiny_cfg, tmp_path, monkeypatch, value):
 
 
 def test_skipped_step_leaves_parameters_and_optimizer_untouched(tiny_cfg, tmp_path, monkeypatch):
-    """The optimizers do not step on a bad step, and the weights stay finite."""
-    real_step = torch.optim.Adam.step
-
+    """A bad step changes no weight and no optimizer state, on the device, without a host sync: after 4
+    steps with step 3 bad, Adam has counted 3 updates and every weight is finite."""
     _inject(monkeypatch, {3})
-    model_holder = {}
-    real_init = T.ProteinLM.__init__
+    run(tiny_cfg("train.max_steps=4"), tmp_path)
+    saved = ckpt.read(ckpt.find(tmp_path / "checkpoints"))
+    muon, adam = saved.tensors()["optimizers"]
+    assert {float(s["step"]) for s in adam["state"].values()} == {3.0}
+    from safetensors.torch import load_file
 
-    def keep(self, *a, **k):
-        real_init(self, *a, **k)
-        model_holder["m"] = self
+    assert all(torch.isfinite(t).all() for t in load_file(saved.weights).values())
+    assert all(torch.isfinite(s["momentum_buffer"]).all() for s in muon["state"].values())
 
-    monkeypatch.setattr(T.ProteinLM, "__init__", keep)
-    steps_seen = []
 
-    def spy(self, *a, **k):
-        steps_seen.append(1)
-        return real_step(self, *a, **k)
+def test_a_masked_update_is_exactly_no_update():
+    """The device-side skip: TrainStep zeroes non-finite gradients and masks Muon's and Adam's updates."""
+    import copy
 
-    monkeypatch.setattr(torch.optim.Adam, "step", spy)
-    run(tiny_cfg("train.max_steps=4", "checkpoint.final=false"), tmp_path)
-    assert len(steps_seen) == 3  # Adam stepped on steps 1, 2 and 4 only
-    assert all(torch.isfinite(p).all() for p in model_holder["m"].parameters())
+    from conftest import typed
+    from speedrun.models import build_model
+    from speedrun.optim import build_optimizers
+
+    cfg = typed(["model=unet_tiny"])
+    model = build_model(cfg.model)
+    opts = build_optimizers(model, cfg.optimizer, torch.device("cpu"))
+    step = TrainStep(model, opts, objective=cfg.objective, seed=0, accum=1, dtype=torch.float32, grad_clip=0.0)
+    ids = torch.randint(4, 24, (256,))
+    docs = torch.zeros(256, dtype=torch.int32)
+    step(lambda: (ids, docs), 0, 256)  # one good step: optimizer state exists
+    before = (copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts])
+    real = MaskedLM.forward
+    MaskedLM.forward = lambda self, *a, **k: real(self, *a, **k) * float("nan")
+    try:
+        result = step(lambda: (ids, docs), 1, 256)
+    finally:
+        MaskedLM.forward = real
+    assert not bool(result.finite)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[0][k]), k
+    for o, sd in zip(opts, before[1]):
+        for pid, st in o.state_dict()["state"].items():
+            for name, t in st.items():
+                assert torch.equal(t, sd["state"][pid][name]), (pid, name)
 
 
 def test_too_many_bad_steps_fail_the_run_and_keep_the_checkpoint(tiny_cfg, tmp_path, monkeypatch):
@@ -78,17 +103,13 @@ def test_too_many_bad_steps_fail_the_run_and_keep_the_checkpoint(tiny_cfg, tmp_p
         run(tiny_cfg("train.max_steps=20", "checkpoint.every_steps=2", "train.max_bad_steps=3"), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "non-finite" in summary["reason"]
-    good = ckpt.latest(tmp_path / "checkpoints")
+    good = ckpt.find(tmp_path / "checkpoints")
     assert good is not None and good.name == "step-000004"
-    state = ckpt.load(good, T.ProteinLM(tiny_cfg().model), torch.device("cpu"))
-    assert state["step"] == 4
+    assert ckpt.read(good).trainer_state["step"] == 4
 
 
 def test_out_of_memory_names_the_micro_batch(tiny_cfg, tmp_path, monkeypatch):
-    def oom(*a, **k):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    monkeypatch.setattr(T, "dense_loss", oom)
+    monkeypatch.setattr(MaskedLM, "forward", _raise_oom)
     with pytest.raises(RunFailed) as err:
         run(tiny_cfg("train.max_steps=3"), tmp_path)
     msg = str(err.value)
@@ -135,10 +156,6 @@ def test_sigterm_saves_and_exits_non_zero(tiny_cfg, tmp_path):
     assert ckpt.latest(tmp_path / "checkpoints") is not None
 
 
-def _oom(*a, **k):
-    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-
 def _failed_summary(d):
     summary = json.loads((d / "summary.json").read_text())
     assert summary["status"] == "failed"
@@ -157,19 +174,19 @@ def _fails_with_one_line(cfg, run_dir) -> tuple[str, dict]:
 
 
 def test_out_of_memory_in_the_compile_warmup_fails_cleanly(tiny_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "dense_loss", _oom)
+    monkeypatch.setattr(MaskedLM, "forward", _raise_oom)
     msg, _ = _fails_with_one_line(tiny_cfg("train.max_steps=3", "hardware.compile_warmup_steps=1"), tmp_path)
     assert "warm-up" in msg and "hardware.micro_batch_tokens=1024" in msg and "hardware.micro_batch_tokens=512" in msg
 
 
 def test_out_of_memory_in_the_dry_run_probe_fails_cleanly(tiny_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "_probe_step_memory", _oom)  # the probe (CUDA only) runs out of memory
+    monkeypatch.setattr(TrainStep, "measure_peak", _raise_oom)  # the probe (CUDA only) runs out of memory
     msg, _ = _fails_with_one_line(tiny_cfg("dry_run=true"), tmp_path)
     assert "dry run" in msg and "hardware.micro_batch_tokens=512" in msg
 
 
 def test_out_of_memory_in_evaluation_names_eval_batch_tokens(tiny_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "evaluate", _oom)
+    monkeypatch.setattr(Evaluator, "__call__", _raise_oom)
     msg, summary = _fails_with_one_line(tiny_cfg("train.max_steps=2", "eval.batch_tokens=2048"), tmp_path)
     assert "evaluation" in msg and "eval.batch_tokens=2048" in msg and "eval.batch_tokens=1024" in msg
     assert "hardware.micro_batch_tokens=1024" in msg and summary["step"] == 2
@@ -229,14 +246,14 @@ def test_summary_write_on_a_full_or_read_only_disk_stops_with_one_line(tiny_cfg,
 
 
 def _signal_during_final_eval(monkeypatch):
-    real = T.evaluate
+    real = Evaluator.__call__
 
-    def evaluate(*a, **k):
-        out = real(*a, **k)
+    def evaluate(self, *a, **k):
+        out = real(self, *a, **k)
         os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag: evaluation and the rest go on
         return out
 
-    monkeypatch.setattr(T, "evaluate", evaluate)
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
 
 
 def test_stop_signal_during_final_evaluation_without_final_checkpoint_is_interrupted(tiny_cfg, tmp_path, monkeypatch):

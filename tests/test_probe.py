@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, save_checkpoint
 from speedrun.config import make
 from speedrun.probe import tasks as pt
 from speedrun.models.unet import ProteinLM
@@ -305,7 +305,7 @@ def _fake_run(tmp_path) -> Path:
     torch.manual_seed(0)
     model = ProteinLM(cfg.model)
     run = tmp_path / "run"
-    ckpt.save(run / "checkpoints", 7, model, {"config": to_dict(cfg), "step": 7})
+    save_checkpoint(run / "checkpoints", 7, model, cfg)
     (run / "summary.json").write_text(json.dumps({"status": "done", "val_loss": 2.5}))
     return run
 

@@ -135,7 +135,9 @@ def test_gpu_choice_with_bound_or_shared_gpus(monkeypatch, visible, local_rank, 
 def test_gpu_choice_names_the_fix_when_too_few_are_visible(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(RuntimeError, match="hardware.gpus"):
+    from speedrun.errors import SpeedrunError
+
+    with pytest.raises(SpeedrunError, match="hardware.gpus"):
         D.pick_device("cuda", 5)
 
 

@@ -246,8 +246,9 @@ def test_reissued_sweep_with_other_settings_does_not_reuse_results(tiny_cfg, tmp
     changed meanwhile (another value, another override), job N of the new sweep is a different config, and
     silently returning the old summary puts the wrong numbers on the leaderboard: it must be refused (as
     for any directory that holds another run's results), not reused."""
+    from speedrun.errors import FolderError
     from speedrun.train import run
 
     run(tiny_cfg("train.max_steps=2"), tmp_path)
-    with pytest.raises(RuntimeError, match=r"finished run with a different config \(model.tie_embeddings\)"):
+    with pytest.raises(FolderError, match=r"finished run with a different config \(model.tie_embeddings\)"):
         run(tiny_cfg("train.max_steps=2", "model.tie_embeddings=true"), tmp_path)

@@ -92,14 +92,16 @@ def test_done_run_exits_at_once(tiny_cfg, tmp_path):
 
 
 def test_refuses_to_overwrite_another_run(tiny_cfg, tmp_path):
+    from speedrun.errors import FolderError
+
     run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path)
-    with pytest.raises(RuntimeError, match=r"finished run with a different config \(seed\)"):
+    with pytest.raises(FolderError, match=r"finished run with a different config \(seed\)"):
         run(tiny_cfg("train.max_steps=2", "seed=1"), tmp_path)
     (tmp_path / "summary.json").unlink()
-    with pytest.raises(RuntimeError, match=r"already holds a run with a different config \(seed\)"):
+    with pytest.raises(FolderError, match=r"already holds a run with a different config \(seed\)"):
         run(tiny_cfg("train.max_steps=2", "seed=1"), tmp_path)
     (tmp_path / "run.json").unlink()  # results with no identity at all: never overwritten
-    with pytest.raises(RuntimeError, match="already holds another run's results"):
+    with pytest.raises(FolderError, match="already holds another run's results"):
         run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path)
 
 
@@ -124,14 +126,13 @@ def test_full_disk_keeps_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     from speedrun.models.unet import ProteinLM
     model = ProteinLM(tiny_cfg().model)
     with pytest.raises(ckpt.CheckpointError) as err:
-        ckpt.save(tmp_path / "checkpoints", 5, model, {"step": 5})
+        ckpt.save(tmp_path / "checkpoints", 5, model, config={}, trainer_state={"step": 5}, tensors={})
     msg = str(err.value)
     assert "disk is full" in msg and "step-000005" in msg and "\n" not in msg
     monkeypatch.setattr(torch, "save", real_save)
     assert ckpt.latest(tmp_path / "checkpoints") == good
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    state = ckpt.load(good, model, torch.device("cpu"))
-    assert state["step"] == 2
+    assert ckpt.read(ckpt.find(tmp_path / "checkpoints")).trainer_state["step"] == 2
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
@@ -282,18 +283,18 @@ def test_checkpoint_every_minutes_must_not_be_negative(tiny_cfg):
 def test_grad_clip_clips_the_global_gradient_norm(tiny_cfg, tmp_path, monkeypatch):
     """optimizer.grad_clip>0: after clipping the global gradient norm is at most grad_clip; the logged
     grad_norm is the norm before clipping. grad_clip=0 leaves gradients alone."""
-    import speedrun.train as T
-    real = T._clip_grad_norm
+    from speedrun.step import TrainStep
+    real = TrainStep.clip
     seen = []
 
-    def spy(model, max_norm):
-        norm = real(model, max_norm)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+    def spy(self):
+        norm = real(self)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         after = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-        seen.append((max_norm, float(norm), after))
+        seen.append((self.grad_clip, float(norm), after))
         return norm
 
-    monkeypatch.setattr(T, "_clip_grad_norm", spy)
+    monkeypatch.setattr(TrainStep, "clip", spy)
     run(tiny_cfg("train.max_steps=3", "optimizer.grad_clip=0.05", "checkpoint.final=false"), tmp_path / "clip")
     assert len(seen) == 3 and all(c == 0.05 for c, _, _ in seen)
     assert all(before > 0.05 and after <= 0.05 * 1.001 for _, before, after in seen)

@@ -49,13 +49,14 @@ def main(argv: list[str] | None = None) -> dict:
     from ..data import data_files
     from ..data.loader import TrainStream
     from ..objectives import apply_objective, generator_for
-    from ..train import build_model, compile_model, max_segment_len, seed_everything, window_at
+    from ..models import build_model
+    from ..setup import compile_model, max_segment_len, seed_everything, window_at
 
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if cfg.hardware.precision == "bf16" else torch.float32
     seed_everything(cfg.seed)
-    eager = build_model(cfg).to(device)
+    eager = build_model(cfg.model, cfg.data.max_length).to(device)
     window = window_at(cfg, 0)
     backend = eager.set_attention_backend(device, max_segment_len(cfg))
     # train a few random directions into the zero-initialised output matrices, so that every

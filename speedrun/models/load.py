@@ -123,8 +123,8 @@ def _describe(path: Path):
         return config, path / "model.safetensors"
     if config.get("model_type") == "esm":
         return None
-    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "COMPLETE").exists()):
-        return "checkpoint"
+    if path.is_dir() and ((path / "COMPLETE").exists() or (path / "checkpoints").is_dir() or not config):
+        return "checkpoint"  # a checkpoint folder or a run directory (its checkpoints say the rest)
     raise ModelLoadError(f"{path} is neither a run directory, a checkpoint folder, an export folder "
                          "(config.json + model.safetensors) nor a Hugging Face ESM-2 folder")
 
@@ -214,3 +214,26 @@ def pretrained(cfg, meta: Optional[dict] = None) -> nn.Module:
     model = PretrainedProteinLM(cfg) if cfg.arch in ("unet", "transformer") else build_model(cfg, max_length)
     model.meta, model.max_length = meta, max_length
     return model
+
+
+def init_from(model: nn.Module, source: str) -> str:
+    """Copy the weights of `source` (anything open_model reads; for ESM-2 also an EsmForMaskedLM folder or
+    hub id) into the freshly built `model`, which must have the same architecture; returns what was
+    loaded, for the log."""
+    from ..config import ConfigError
+
+    if model.cfg.arch == "esm2":
+        path = Path(source)
+        if not path.exists() or _json(path / "config.json").get("model_type") == "esm":
+            from .esm2 import load_hf_weights
+
+            return load_hf_weights(model, source)
+    src = open_model(source)
+    theirs, ours = src.state_dict(), model.state_dict()
+    misfit = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    if misfit or set(theirs) - set(ours):
+        raise ConfigError(f"init_from={source}: its weights do not fit this model ({len(misfit)} tensors differ, "
+                          f"e.g. {(misfit or sorted(set(theirs) - set(ours)))[0]}): use the model config it was "
+                          "trained with")
+    model.load_state_dict(theirs, strict=True)
+    return f"{len(theirs)} tensors ({src.num_params():,} parameters) from {source}"

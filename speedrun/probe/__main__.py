@@ -126,62 +126,23 @@ def _probe_run(argv: List[str]) -> int:
 
 # ---------------------------------------------------------------------------------------- run directories
 
-# replaced by speedrun.models.open_model (issue 17/18)
 def load_run_model(path: Union[str, Path], device=None, checkpoint: Optional[str] = None):
-    """(model, info) from a run directory (newest complete checkpoint), a checkpoint folder, or an
-    export folder (via speedrun.load). info: checkpoint, step, config (RunConfig dict or None)."""
-    from ..checkpoint import MARKER, latest
-    from ..config import make, migrate_legacy
-    from ..model import ProteinLM
+    """(model, info) from a run directory (newest sound checkpoint), a checkpoint folder or an export
+    folder, through speedrun.models.open_model. info: checkpoint, step, config (RunConfig dict), max_length."""
+    from ..models.load import ModelLoadError, open_model
 
     path = Path(path)
-    device = torch.device(device or "cpu")
-    ck = Path(checkpoint) if checkpoint else None
-    if ck is None:
-        if (path / MARKER).exists():
-            ck = path
-        elif (path / "checkpoints").is_dir():
-            ck = latest(path / "checkpoints")
-            if ck is None:
-                raise ProbeError(f"{path} holds no complete checkpoint (checkpoints/step-*/COMPLETE): "
-                                 "finish or resume the run first")
-    if ck is None:
-        if not path.exists():
-            raise ProbeError(f"{path}: no such run directory")
-        import speedrun
-
-        try:
-            model = speedrun.load(str(path), device=device)
-        except Exception as exc:  # noqa: BLE001 - one line whatever went wrong
-            raise ProbeError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}") from None
-        meta = getattr(model, "meta", None) or {}
-        return model.eval(), {"checkpoint": str(path), "step": meta.get("step"), "config": meta.get("training"),
-                              "max_length": meta.get("max_length")}
+    if not path.exists():
+        raise ProbeError(f"{path}: no such run directory")
     try:
-        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ProbeError(f"cannot read {ck / 'state.pt'}: {str(exc).splitlines()[0]}") from None
-    cfg = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(cfg, dict) or "model" not in cfg:
-        raise ProbeError(f"{ck / 'state.pt'} holds no run config: not written by speedrun's trainer")
-    from safetensors.torch import load_model
-
-    try:
-        mcfg = make("model", **migrate_legacy({"model": cfg["model"]})["model"])
-    except TypeError as exc:
-        raise ProbeError(f"{ck}: its model config does not fit this version of speedrun ({exc})") from None
-    mcfg.attention = "auto"
-    if mcfg.arch not in ("unet", "transformer"):
-        raise ProbeError(f"model.arch={mcfg.arch} is not supported by speedrun.embed yet")
-    model = ProteinLM(mcfg)
-    try:
-        load_model(model, str(ck / "model.safetensors"), strict=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ProbeError(f"cannot load {ck / 'model.safetensors'}: {str(exc).splitlines()[0]}") from None
-    model.to(device)
-    model.set_attention_backend(device)
-    return model.eval(), {"checkpoint": str(ck), "step": state.get("step"), "config": cfg,
-                          "max_length": cfg.get("data", {}).get("max_length")}
+        model = open_model(path, device=device or "cpu", checkpoint=checkpoint)
+    except ModelLoadError as exc:
+        raise ProbeError(f"cannot load a model from {path}: {exc}") from None
+    if model.cfg.arch not in ("unet", "transformer", "esm2"):
+        raise ProbeError(f"model.arch={model.cfg.arch} is not supported by speedrun.embed yet")
+    meta = model.meta
+    return model.eval(), {"checkpoint": meta.get("checkpoint") or str(path), "step": meta.get("step"),
+                          "config": meta.get("training"), "max_length": meta.get("max_length")}
 
 
 if __name__ == "__main__":

@@ -184,18 +184,13 @@ def random_init_like(model, seed: int = 0):
 
     The zero-initialised output projections (attention `o`, MLP `down`) are re-drawn like nn.Linear,
     otherwise every block would be an identity and the baseline would be context-free."""
-    from ..model import ProteinLM
+    from ..models import build_model
 
     cfg = copy.deepcopy(model.cfg)
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=_cuda_devices()):
         torch.manual_seed(seed)
-        if isinstance(model, ProteinLM):
-            fresh = ProteinLM(cfg)
-        elif hasattr(model, "max_length"):
-            fresh = type(model)(cfg, model.max_length)
-        else:
-            fresh = type(model)(cfg)
+        fresh = build_model(cfg, getattr(model, "max_length", 1024))
         with torch.no_grad():
             for name, mod in fresh.named_modules():
                 if isinstance(mod, torch.nn.Linear) and name.endswith((".o", ".down")):
