@@ -99,3 +99,14 @@ def test_3_resuming_onto_re_prepared_data_is_refused(tmp_path):
     assert "changed" in _one_line(err.value) and "new run" in str(err.value)
     with pytest.raises(DataError, match="2 shard"):
         TrainStream(files[:1], 512, 100).load_state_dict(state)
+
+
+# ---- 4. one line instead of a traceback ------------------------------------------------------------
+def test_4_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    from speedrun.data import sample_dir
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("SPEEDRUN_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(SpeedrunError) as err:
+        sample_dir()
+    assert "SPEEDRUN_CACHE" in _one_line(err.value) and str(tmp_path / "file") in str(err.value)
