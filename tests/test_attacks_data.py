@@ -54,6 +54,50 @@ def _one_line(exc: BaseException) -> str:
     return msg
 
 
+# ---- 1. one owner per folder -----------------------------------------------------------------------
+def test_1_a_second_prepare_into_a_folder_in_use_stops_naming_the_holder(tmp_path):
+    """Two concurrent prepares into one folder both exited 0 and one dataset silently replaced the other."""
+    first, second, out = _fasta(tmp_path / "a.fasta"), _fasta(tmp_path / "b.fasta", seed=1), tmp_path / "out"
+    seen: dict = {}
+
+    def log(line):  # called while the first prepare is running: start the second one then
+        if "second" not in seen:
+            seen["second"] = subprocess.run(
+                [sys.executable, "-m", "speedrun.data", "prepare", str(second), "--out", str(out), "--workers", "1"],
+                capture_output=True, text=True, env=_env(), timeout=60)
+
+    prepare([first], out, PrepareOptions(workers=1), log=log)
+    r = seen["second"]
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "in use" in err[0] and f"pid {os.getpid()}" in err[0]
+    assert json.loads((out / "prepare.json").read_text())["inputs"] == [str(first)]
+    prepare([second], out, PrepareOptions(workers=1, overwrite=True), **QUIET)  # the lock went with the run
+
+
+# ---- 2. never overwrite a user's file --------------------------------------------------------------
+def test_2_overwrite_removes_only_what_prepare_wrote_and_never_an_input(tmp_path):
+    """`--overwrite` deleted everything in --out, the input being read included."""
+    inside = _fasta(tmp_path / "data" / "in.fasta")
+    with pytest.raises(SpeedrunError) as err:
+        prepare([inside], tmp_path / "data", PrepareOptions(workers=1, overwrite=True), **QUIET)
+    assert "in.fasta" in _one_line(err.value) and inside.exists()
+
+    out = tmp_path / "out"
+    prepare([_fasta(tmp_path / "a.fasta")], out, PrepareOptions(workers=1, attribution="CC0"), **QUIET)
+    manifest = json.loads((out / ".speedrun-manifest.json").read_text())
+    written = {p.name for p in out.iterdir()} - {".lock", ".speedrun-manifest.json"}
+    assert set(manifest["files"]) == written and {"prepare.json", "ATTRIBUTION.txt"} <= written
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SpeedrunError) as err:
+        prepare([_fasta(tmp_path / "b.fasta", seed=2)], out, PrepareOptions(workers=1, overwrite=True), **QUIET)
+    assert "notes.txt" in _one_line(err.value)
+    assert (out / "notes.txt").read_text() == "mine" and find_shards(out, "train")  # nothing removed
+    (out / "notes.txt").unlink()
+    prepare([tmp_path / "b.fasta"], out, PrepareOptions(workers=1, overwrite=True), **QUIET)
+    assert json.loads((out / "prepare.json").read_text())["inputs"] == [str(tmp_path / "b.fasta")]
+    assert not (out / "ATTRIBUTION.txt").exists()  # the old run's file, removed by --overwrite
+
+
 # ---- 3. nonsense never finishes as done ------------------------------------------------------------
 def test_3_an_empty_valid_split_is_refused_instead_of_a_nan_loss(tmp_path):
     p = tmp_path / shard_name("x", "valid", 0)
@@ -110,3 +154,19 @@ def test_4_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SpeedrunError) as err:
         sample_dir()
     assert "SPEEDRUN_CACHE" in _one_line(err.value) and str(tmp_path / "file") in str(err.value)
+
+
+def test_4_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    from speedrun.data.__main__ import main
+
+    import tempfile
+
+    def full_disk(prefix="", suffix="", dir=None):  # every file written lands on a full disk
+        return os.open("/dev/full", os.O_WRONLY), str(Path(dir) / f"{prefix}full{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk)
+    src = _fasta(tmp_path / "in.fasta")
+    assert main(["prepare", str(src), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not write") and "disk is full" in err[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
