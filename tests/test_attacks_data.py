@@ -170,3 +170,25 @@ def test_4_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not write") and "disk is full" in err[0]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("tail", ['c,AAAA\nd,"CCCC\ne,MKKK\n', "c,AAAA\nd,CCCC\ne,MKKK\n"])
+def test_4_a_csv_with_an_unterminated_quote_is_refused_naming_the_line(tmp_path, tail):
+    """The quote opened on line 3 swallowed the rows after it into one chimeric sequence."""
+    p = tmp_path / "t.csv"
+    p.write_text('id,sequence\na,MKVLA\nb,"MKVL\n' + tail)
+    with pytest.raises(DataError) as err:
+        prepare([p], tmp_path / "out", PrepareOptions(workers=1), **QUIET)
+    msg = _one_line(err.value)
+    assert str(p) in msg and "line 3" in msg and "quote" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_4_a_fasta_with_a_byte_order_mark_is_accepted(tmp_path):
+    plain = _fasta(tmp_path / "plain.fasta")
+    for name in ("bom.fasta", "bom_noext"):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+        rep = prepare([tmp_path / name], tmp_path / f"out_{name}", PrepareOptions(workers=1), **QUIET)
+        assert rep["sequences_read"] == 80 and rep["formats"] == ["fasta"]
+    ref = prepare([plain], tmp_path / "out_plain", PrepareOptions(workers=1), **QUIET)
+    assert rep["tokens"] == ref["tokens"]

@@ -73,6 +73,7 @@ PARQUET_EXT = {".parquet", ".pq"}
 SEQUENCE_COLUMNS = ("sequence", "seq", "sequences", "protein_sequence", "aa_seq")
 TOOL = "prepare"  # the name in --out's manifest
 OUT_FIX = "choose another --out"
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which some editors put first
 
 # letters the vocabulary knows, plus white space (dropped): everything else becomes <unk>
 _KNOWN = np.zeros(256, dtype=bool)
@@ -143,6 +144,8 @@ def sniff(path: Path) -> str:
             head = f.read(1 << 16)
     except (OSError, EOFError, lzma.LZMAError) as exc:
         raise DataError(f"{path}: cannot decompress ({exc}): the file is truncated or corrupt") from None
+    if head.startswith(BOM):
+        head = head[len(BOM):]
     if not head.strip():
         raise DataError(f"{path}: empty file: no sequences")
     if b"\x00" in head:
@@ -170,7 +173,7 @@ def sniff(path: Path) -> str:
 
 def _fasta_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
     """Raw FASTA bytes in blocks that end at a record boundary (just before a line starting with '>')."""
-    carry = b""
+    carry, first = b"", True
     with _open_bytes(path) as f:
         while True:
             try:
@@ -179,6 +182,9 @@ def _fasta_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
                 raise DataError(f"{path}: cannot decompress ({exc}): the file is truncated or corrupt") from None
             if not chunk:
                 break
+            if first and chunk.startswith(BOM):
+                chunk = chunk[len(BOM):]
+            first = False
             buf = carry + chunk
             cut = buf.rfind(b"\n>")
             if cut <= 0:  # no record boundary yet (a huge record): keep reading
@@ -208,26 +214,41 @@ def _parse_fasta_block(block: bytes) -> tuple[list[bytes], int]:
 def _table_batches(path: Path, kind: str, column: Optional[str], block_bytes: int) -> Iterator[list]:
     """Lists of sequence strings from one column of a CSV/TSV file, about `block_bytes` at a time."""
     csv.field_size_limit(2**31 - 1)
-    try:
-        handle = io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="")
-        with handle:
-            reader = csv.reader(handle, delimiter="\t" if kind == "tsv" else ",")
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file: no sequences")
-            col = _pick_column(path, [h.strip() for h in header], column)
-            batch, size = [], 0
-            for row in reader:
-                value = row[col] if col < len(row) else ""
-                batch.append(value)
-                size += len(value) + 16
-                if size >= block_bytes:
-                    yield batch
-                    batch, size = [], 0
-            if batch:
+    handle = io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="replace", newline="")
+    with handle:
+        rows = _table_rows(path, kind, csv.reader(handle, delimiter="\t" if kind == "tsv" else ",", strict=True))
+        header = next(rows, None)
+        if header is None:
+            raise DataError(f"{path}: empty file: no sequences")
+        col = _pick_column(path, [h.strip() for h in header], column)
+        batch, size = [], 0
+        for row in rows:
+            value = row[col] if col < len(row) else ""
+            batch.append(value)
+            size += len(value) + 16
+            if size >= block_bytes:
                 yield batch
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed {kind.upper()} ({exc}): fix the file or convert it to FASTA") from None
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+
+def _table_rows(path: Path, kind: str, reader) -> Iterator[list]:
+    """The rows of a CSV/TSV reader, one line each: a record spanning lines is refused, naming its first
+    line — an unterminated quote swallows the rows after it into one chimeric field."""
+    while True:
+        first = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}: line {first}: malformed {kind.upper()} ({exc}; an unterminated or stray "
+                            "quote?): fix the quoting or convert the file to FASTA") from None
+        if reader.line_num > first:
+            raise DataError(f"{path}: line {first}: a quoted field runs on to line {reader.line_num} (an unterminated "
+                            "quote?): fix the quoting or convert the file to FASTA")
+        yield row
 
 
 def _pick_column(path: Path, names: list[str], column: Optional[str]) -> int:
