@@ -192,3 +192,71 @@ def test_4_a_fasta_with_a_byte_order_mark_is_accepted(tmp_path):
         assert rep["sequences_read"] == 80 and rep["formats"] == ["fasta"]
     ref = prepare([plain], tmp_path / "out_plain", PrepareOptions(workers=1), **QUIET)
     assert rep["tokens"] == ref["tokens"]
+
+
+# ---- 5. a killed prepare leaves no worker behind ---------------------------------------------------
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_5_workers_die_with_a_killed_prepare(tmp_path):
+    src = _fasta(tmp_path / "in.fasta")
+    script = (  # the real prepare CLI with 2 workers, on an input that never ends after 8 blocks
+        "import sys, time\n"
+        "from speedrun.data import prepare as prep\n"
+        "real = prep._tasks\n"
+        "def slow(*a):\n"
+        "    first = next(iter(real(*a)))\n"
+        "    for _ in range(8):\n"
+        "        yield first\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "prep._tasks = slow\n"
+        f"sys.exit(prep.main([{str(src)!r}, '--out', {str(tmp_path / 'out')!r}, '--workers', '2']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=_env())
+    timer = threading.Timer(30, proc.kill)
+    timer.start()
+    workers: list[int] = []
+    try:
+        while (line := proc.stdout.readline()) and line.strip() != "ready":
+            pass
+        assert line.strip() == "ready", "prepare ended before its workers started"
+        workers = _children(proc.pid)  # the pool's workers (and multiprocessing's resource tracker)
+        assert any("spawn_main" in Path(f"/proc/{p}/cmdline").read_text() for p in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 5
+        while any(_alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in workers if _alive(p)], "workers outlived the killed prepare"
+    finally:
+        timer.cancel()
+        proc.kill()
+        for p in workers:  # only the processes this test started
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+# ---- 6. worker count from the CPUs the process may use ---------------------------------------------
+def test_6_workers_follow_the_cpus_the_process_may_use(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    rep = prepare([_fasta(tmp_path / "in.fasta")], tmp_path / "out", PrepareOptions(), **QUIET)
+    assert rep["workers"] == 1 and "1 worker" in format_report(rep)

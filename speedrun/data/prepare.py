@@ -34,6 +34,9 @@ Why it is built the way it is:
   only into a new or empty folder, or over its own earlier output with `--overwrite`, which removes
   only the files its manifest (`.speedrun-manifest.json`, `fsutil.claim_output`) lists — never a file
   the user put there, and never with an input inside `--out`.
+* **Workers die with prepare** (`PR_SET_PDEATHSIG` on Linux, and a parent-pid check): a killed prepare
+  leaves no worker blocked forever on its queue. Their number defaults to the CPUs this process may
+  use (`os.sched_getaffinity`), which the report states.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -96,7 +100,7 @@ class PrepareOptions:
     min_length: int = 1  # residues; shorter sequences (and empty records) are dropped
     max_length: int = 0  # residues; longer sequences are dropped (0 = keep all; the loader crops)
     shard_tokens: int = DEFAULT_SHARD_TOKENS
-    workers: int = 0  # worker processes (0 = every core; 1 = no pool)
+    workers: int = 0  # worker processes (0 = every CPU this process may use; 1 = no pool)
     column: Optional[str] = None  # CSV/TSV/parquet column holding the sequences (default: 'sequence')
     uppercase: bool = False  # upper-case letters first (soft-masked / lower-case inputs)
     strip_stop: bool = False  # drop trailing '*' (stop codons of translated ORFs) instead of <unk>
@@ -374,10 +378,42 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _init_worker(opts: PrepareOptions) -> None:
+def _init_worker(opts: PrepareOptions, parent: int) -> None:
     global _WORKER_OPTS
     _WORKER_OPTS = opts
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when process `parent` dies: a killed prepare must not leave its workers blocked
+    forever on their queue. Linux: the kernel sends SIGKILL (PR_SET_PDEATHSIG); elsewhere, and for a
+    parent that died before that took effect, a check of the parent pid (at once, then every second)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc, arg = ctypes.CDLL(None, use_errno=True), ctypes.c_ulong  # prctl(int, unsigned long...)
+            libc.prctl(1, arg(int(signal.SIGKILL)), arg(0), arg(0), arg(0))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="speedrun-parent-watch", daemon=True).start()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups cpusets, SLURM), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _pool_task(task: tuple) -> _Chunk:
@@ -401,7 +437,8 @@ def _ordered_map(tasks: Iterable[tuple], opts: PrepareOptions, workers: int) -> 
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(opts,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(opts, os.getpid())) as pool:
         pending: deque = deque()
         try:
             for t in tasks:
@@ -618,7 +655,7 @@ def _build(inputs: list[Path], kinds: list[str], out: Path, manifest: Manifest, 
            log: Callable[[str], None], t0: float) -> dict:
     """Encode everything into a staging folder, then publish it into `out`; the report."""
     name = opts.name or _default_name(out)
-    workers = opts.workers or os.cpu_count() or 1
+    workers = opts.workers or usable_cpus()
     staging = _stage(out)
     writers = {s: ShardWriter(staging, name, s, opts.shard_tokens) for s in SPLITS}
     done = False
@@ -710,7 +747,8 @@ def _publish(staging: Path, out: Path, manifest: Manifest) -> None:
 def format_report(r: dict) -> str:
     s, t = r["sequences"], r["tokens"]
     lines = [
-        f"read {r['sequences_read']:,} sequences from {len(r['inputs'])} file(s) in {r['seconds']:.1f} s",
+        f"read {r['sequences_read']:,} sequences from {len(r['inputs'])} file(s) in {r['seconds']:.1f} s "
+        f"with {r['workers']} worker(s)",
         f"kept {sum(s.values()):,} sequences, {sum(t.values()):,} tokens ({r['residues']:,} residues): "
         + ", ".join(f"{k} {s[k]:,} seqs / {t[k]:,} tokens in {len(r['shards'][k])} shard(s)" for k in SPLITS),
         f"dropped: {r['duplicates']:,} duplicates, {r['empty']:,} empty, {r['too_short']:,} too short, "
@@ -742,7 +780,8 @@ def run(argv: Optional[list] = None) -> int:
     ap.add_argument("--max-length", type=int, default=d.max_length,
                     help="drop sequences with more residues (0 = keep all; training crops long ones)")
     ap.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="tokens per shard (default 1e8)")
-    ap.add_argument("--workers", type=int, default=0, help="worker processes (default: every core)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="worker processes (default: every CPU this process may use)")
     ap.add_argument("--column", default=None, help="CSV/TSV/parquet sequence column (default: 'sequence')")
     ap.add_argument("--uppercase", action="store_true", help="upper-case letters first (else lower case -> <unk>)")
     ap.add_argument("--strip-stop", action="store_true", help="drop trailing '*' (else it becomes <unk>)")
