@@ -260,3 +260,55 @@ def test_6_workers_follow_the_cpus_the_process_may_use(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
     rep = prepare([_fasta(tmp_path / "in.fasta")], tmp_path / "out", PrepareOptions(), **QUIET)
     assert rep["workers"] == 1 and "1 worker" in format_report(rep)
+
+
+# ---- 7. no import cycle ----------------------------------------------------------------------------
+def _sibling_imports(path: Path, modules: set[str]) -> set[str]:
+    """The modules of speedrun/data that `path` imports (at any level of the file)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level == 1:
+                rel = parts if node.module else []
+            elif node.level == 0 and parts[:2] == ["speedrun", "data"]:
+                rel = parts[2:]
+            else:
+                continue
+            if rel:
+                out.add(rel[0])
+            else:
+                out |= {a.name for a in node.names if a.name in modules} or {"__init__"}
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                parts = a.name.split(".")
+                if parts[:2] == ["speedrun", "data"]:
+                    out.add(parts[2] if len(parts) > 2 else "__init__")
+    return out & modules
+
+
+def test_7_no_module_of_speedrun_data_imports_one_that_imports_it_back():
+    folder = ROOT / "speedrun" / "data"
+    modules = {p.stem for p in folder.glob("*.py")}
+    graph = {m: _sibling_imports(folder / f"{m}.py", modules) - {m} for m in modules}
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph[a])
+
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if reaches(b, a))
+    assert not cycles
+
+
+# ---- 8. one CLI error style ------------------------------------------------------------------------
+def test_8_the_data_cli_reports_errors_the_one_way(tmp_path):
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "speedrun.data", *args], capture_output=True, text=True,
+                           env=_env(), cwd=tmp_path, timeout=60)
+        return r.returncode, r.stderr.strip().splitlines()
+
+    code, err = run("frobnicate")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: unknown command 'frobnicate'")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("x")
+    code, err = run("prepare", str(_fasta(tmp_path / "in.fasta")), "--out", str(tmp_path / "out"))
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "mine.txt" in err[0]

@@ -5,99 +5,60 @@
     python -m speedrun.data check data=swissprot2014                        # what a run would read, or what is missing
 
 `download` and `check` take the same Hydra overrides as launch.py (composed with Hydra's compose API
-on the same conf/ and typed schema), so `data=... data.root=...` mean exactly what they mean for a run.
-Known problems end with one line on stderr and exit code 2.
+on the same conf/ and typed schema, `compose.py`), so `data=... data.root=...` mean exactly what they
+mean for a run. Known problems end with one line on stderr and exit code 2 (`speedrun.errors.cli_main`).
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
-from .shards import DataError
+from ..errors import SpeedrunError, cli_main
+from .compose import compose_config, compose_data, conf_dir  # noqa: F401  (compose_config: bench.loader)
+from .shards import SPLITS, DataError
 
 USAGE = __doc__.split("\n\n")[1]
 
 
-def conf_dir() -> Path:
-    return Path(__file__).resolve().parent.parent.parent / "conf"
-
-
-def compose_config(overrides: list[str]):
-    """The typed RunConfig that `python launch.py OVERRIDES` would run with (nothing is run)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from ..config import ConfigError, check_overrides, from_container, register_schema
-
-    conf = conf_dir()
-    if not (conf / "config.yaml").exists():
-        raise DataError(f"{conf}: the Hydra configs are missing: run from a source checkout of speedrun-plm")
-    problem = check_overrides(overrides, str(conf))
-    if problem:
-        raise DataError(problem)
-    register_schema()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-            HydraConfig.instance().set_config(cfg)
-            return from_container(cfg)
-    except ConfigError as exc:
-        raise DataError(str(exc)) from None
-    except Exception as exc:  # Hydra's own composition errors
-        if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
-            raise
-        raise DataError(f"cannot compose the config: {str(exc).splitlines()[0]}") from None
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def compose_data(overrides: list[str]):
-    """The typed DataConfig of `overrides` (e.g. ['data=omgprot50', 'data.num_chunks=10'])."""
-    return compose_config(overrides).data
-
-
 def check(argv: list[str]) -> int:
-    """Print what a run of this data config would read; exit 2 with one line if something is missing."""
+    """Print what a run of this data config would read; a missing file raises one DataError."""
     from . import data_files
     from .shards import read_header
 
-    try:
-        data = compose_data(argv)
-        for split in ("train", "valid", "test"):
-            try:
-                files = data_files(data, split)
-            except DataError as exc:
-                if split == "test":
-                    print(f"test: none ({exc})")
-                    continue
-                raise
-            tokens = sum(read_header(f) for f in files)
-            print(f"{split}: {len(files)} shard(s), {tokens:,} tokens in {files[0].parent}")
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    data = compose_data(argv)
+    for split in SPLITS:
+        try:
+            files = data_files(data, split)
+        except DataError as exc:
+            if split == "test":
+                print(f"test: none ({exc})")
+                continue
+            raise
+        tokens = sum(read_header(f) for f in files)
+        print(f"{split}: {len(files)} shard(s), {tokens:,} tokens in {files[0].parent}")
     return 0
 
 
-def main(argv: Optional[list] = None) -> int:
+def _main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "prepare":
-        from .prepare import main as prepare_main
-        return prepare_main(rest)
+        from .prepare import run as prepare_run
+        return prepare_run(rest)
     if cmd == "download":
-        from .hub import main as download_main
-        return download_main(rest)
+        from .hub import run as download_run
+        return download_run(rest)
     if cmd == "check":
         return check(rest)
-    print(f"error: unknown command '{cmd}': use prepare, download or check\n{USAGE}", file=sys.stderr)
-    return 2
+    raise SpeedrunError(f"unknown command '{cmd}': use prepare, download or check (python -m speedrun.data --help)")
+
+
+def main(argv: Optional[list] = None) -> int:
+    """The CLI; a known failure is one line `error: ...` and exit code 2."""
+    return cli_main(_main, argv)
 
 
 if __name__ == "__main__":
