@@ -145,6 +145,27 @@ def test_3_resuming_onto_re_prepared_data_is_refused(tmp_path):
         TrainStream(files[:1], 512, 100).load_state_dict(state)
 
 
+def test_3_check_reports_every_problem(tmp_path, capsys):
+    from speedrun.data.__main__ import main
+
+    d = tmp_path / "d"
+    d.mkdir()
+    write_shard(d / shard_name("x", "train", 0), _docs())
+    write_shard(d / shard_name("x", "train", 1), np.full(3000, PAD, np.uint8))
+    bad = _docs(seed=3)
+    bad[77] = 99
+    write_shard(d / shard_name("x", "train", 2), bad)
+    write_shard(d / shard_name("x", "valid", 0), np.zeros(0, np.uint8))
+    assert main(["check", "data=local", f"data.path={d}"]) == 2
+    cap = capsys.readouterr()
+    out = cap.out
+    assert "x_train_000001.bin" in out and "residue" in out
+    assert "x_train_000002.bin" in out and "99" in out and "77" in out
+    assert "x_valid_000000.bin" in out and "no documents" in out
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "3 problem" in err[0]
+
+
 # ---- 4. one line instead of a traceback ------------------------------------------------------------
 def test_4_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
     from speedrun.data import sample_dir

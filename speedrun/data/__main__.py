@@ -2,7 +2,7 @@
 
     python -m speedrun.data prepare INPUT... --out DIR [--dedup] [...]     # your sequences -> shards
     python -m speedrun.data download data=omgprot50 data.num_chunks=10     # published shards (huggingface_hub)
-    python -m speedrun.data check data=swissprot2014                        # what a run would read, or what is missing
+    python -m speedrun.data check data=swissprot2014                        # what a run would read, or what is wrong
 
 `download` and `check` take the same Hydra overrides as launch.py (composed with Hydra's compose API
 on the same conf/ and typed schema, `compose.py`), so `data=... data.root=...` mean exactly what they
@@ -21,11 +21,14 @@ USAGE = __doc__.split("\n\n")[1]
 
 
 def check(argv: list[str]) -> int:
-    """Print what a run of this data config would read; a missing file raises one DataError."""
+    """Print what a run of this data config would read, and every problem in it: missing files, a shard
+    with token ids outside the vocabulary or without residues, a split without documents. A problem
+    raises one DataError (after all of them are listed)."""
     from . import data_files
-    from .shards import read_header
+    from .shards import empty_split_error, fingerprint, open_shard, read_header
 
     data = compose_data(argv)
+    problems: list[str] = []
     for split in SPLITS:
         try:
             files = data_files(data, split)
@@ -34,8 +37,23 @@ def check(argv: list[str]) -> int:
                 print(f"test: none ({exc})")
                 continue
             raise
-        tokens = sum(read_header(f) for f in files)
-        print(f"{split}: {len(files)} shard(s), {tokens:,} tokens in {files[0].parent}")
+        tokens, bad = 0, []
+        for f in files:
+            try:
+                tokens += read_header(f)
+                open_shard(f)  # the content check a run makes when it opens the shard
+            except DataError as exc:
+                bad.append(str(exc))
+        if not bad and tokens == 0:
+            bad.append(str(empty_split_error(files, split)))
+        extra = f", fingerprint {fingerprint(files)}" if split == "train" else ""
+        print(f"{split}: {len(files)} shard(s), {tokens:,} tokens in {files[0].parent}{extra}")
+        for b in bad:
+            print(f"  problem: {b}")
+        problems += bad
+    if problems:
+        raise DataError(f"data={data.name}: {len(problems)} problem(s) in the shards (each listed above); the "
+                        f"first: {problems[0]}")
     return 0
 
 
