@@ -31,14 +31,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .errors import CheckpointError, FolderError
+from .errors import FolderError, SpeedrunError
 
 LOCK_NAME = ".lock"
 MANIFEST_NAME = ".speedrun-manifest.json"
 _UNSUPPORTED_LOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
-class WriteError(CheckpointError):
+class WriteError(SpeedrunError):
     """A file could not be written (full disk, read-only, permission). One line naming file and fix."""
 
 
@@ -173,11 +173,22 @@ class FolderLock:
 
 # ---- output folders: never overwrite what the user made --------------------------------------------
 class Manifest:
-    """The files a tool wrote into a folder (`.speedrun-manifest.json`)."""
+    """The files a tool wrote into a folder (`.speedrun-manifest.json`); `previous` lists those of an
+    earlier output that an --overwrite will replace (remove_previous)."""
 
     def __init__(self, folder: os.PathLike | str, tool: str):
         self.folder, self.tool = Path(folder), tool
         self.path = self.folder / MANIFEST_NAME
+        self.previous: list[str] = []
+
+    def remove_previous(self) -> None:
+        """Remove the earlier output's files (only those its manifest lists), then the manifest."""
+        for name in self.previous:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / name).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.previous = []
 
     def files(self) -> list[str]:
         data = read_json(self.path)
@@ -194,11 +205,13 @@ def _user_files(folder: Path, ours: set[str]) -> list[str]:
                   if p.is_file() and p.relative_to(folder).as_posix() not in skip)
 
 
-def claim_output(folder: os.PathLike | str, tool: str, overwrite: bool, flag: str = "--overwrite") -> Manifest:
+def claim_output(folder: os.PathLike | str, tool: str, overwrite: bool, flag: str = "--overwrite",
+                 remove: bool = True) -> Manifest:
     """Make `folder` ready for `tool` to write into, never touching a file it did not write.
 
     A missing or empty folder is fine. A folder holding files: refused unless `overwrite`, and even
-    then only the files of this tool's manifest are removed; any other file makes it refuse."""
+    then only the files of this tool's manifest are removed (now, or with remove=False when the caller's
+    new output is complete: `manifest.remove_previous()`); any other file makes it refuse."""
     folder = Path(folder)
     manifest = Manifest(folder, tool)
     if folder.exists() and not folder.is_dir():
@@ -215,11 +228,9 @@ def claim_output(folder: os.PathLike | str, tool: str, overwrite: bool, flag: st
     if not overwrite:
         raise FolderError(f"{folder} already holds the output of an earlier {tool}: pass {flag} to replace it, "
                           "or choose another folder")
-    for name in ours:
-        with contextlib.suppress(FileNotFoundError):
-            (folder / name).unlink()
-    with contextlib.suppress(FileNotFoundError):
-        manifest.path.unlink()
+    manifest.previous = sorted(ours)
+    if remove:
+        manifest.remove_previous()
     return manifest
 
 

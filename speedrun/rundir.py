@@ -45,7 +45,7 @@ _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 _RUN_FIX = "choose another run directory (hydra.run.dir=...), then resume the run"
 
 
-class RunDirWriteError(WriteError):
+class RunDirWriteError(WriteError, CheckpointError):
     """A run-directory file (summary.json, metrics.jsonl, env.json, ...) could not be written: full disk or
     no permission. One line naming the file and the fix."""
 

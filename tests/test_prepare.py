@@ -13,6 +13,7 @@ from speedrun.data import prepare as prep
 from speedrun.data.loader import TrainStream
 from speedrun.data.prepare import PrepareOptions, prepare
 from speedrun.data.shards import DataError, doc_bounds, find_shards, open_shard
+from speedrun.errors import SpeedrunError
 from speedrun.vocab import CLS, EOS, UNK, encode
 
 AA = list("ACDEFGHIKLMNPQRSTVWY")
@@ -248,7 +249,7 @@ def test_interrupted_run_leaves_no_shard_that_looks_complete(tmp_path, monkeypat
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     _write_fasta(tmp_path / "in.fasta", _seqs(100))
     prepare([tmp_path / "in.fasta"], tmp_path / "out", PrepareOptions(workers=1), **QUIET)
-    with pytest.raises(DataError, match="--overwrite"):
+    with pytest.raises(SpeedrunError, match="--overwrite"):  # fsutil.claim_output's FolderError
         prepare([tmp_path / "in.fasta"], tmp_path / "out", PrepareOptions(workers=1), **QUIET)
     _write_fasta(tmp_path / "in2.fasta", _seqs(50, seed=9))
     prepare([tmp_path / "in2.fasta"], tmp_path / "out", PrepareOptions(workers=1, overwrite=True), **QUIET)

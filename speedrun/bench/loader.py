@@ -51,13 +51,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from ..data import data_files
-    from ..data.__main__ import compose_config
-    from ..data.shards import DataError, read_header
+    from ..compose import compose
+    from ..data.shards import read_header
+    from ..errors import SpeedrunError
 
     try:
-        cfg = compose_config(a.overrides)
+        cfg = compose(a.overrides)
         files = data_files(cfg.data, "train")
-    except DataError as exc:
+    except SpeedrunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import torch

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import atomic_write, write_error
 from ..vocab import encode
 from .shards import DataError, find_shards, shard_name, write_shard
 
@@ -68,21 +69,27 @@ def cache_root() -> Path:
 
 
 def sample_dir() -> Path:
-    """The embedded sample as shards, tokenized on first use (atomic writes; safe to race)."""
+    """The embedded sample as shards, tokenized on first use (atomic writes; safe to race).
+
+    An unwritable cache (read-only, full, not a folder) is one line naming it and `$SPEEDRUN_CACHE`."""
     if not ASSET.exists():
         raise DataError(f"{ASSET}: the embedded sample is missing from the package: reinstall speedrun-plm")
     digest = hashlib.blake2b(ASSET.read_bytes(), digest_size=6).hexdigest()
     out = cache_root() / f"sample-{digest}"
     if all(find_shards(out, s) for s in ("train", "valid", "test")):
         return out
+    where = "set SPEEDRUN_CACHE to a writable folder (data=sample is tokenized there on first use)"
+    try:  # before the work: an unwritable cache fails at once
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out, exc, where) from exc
     splits: dict[str, list[np.ndarray]] = {"train": [], "valid": [], "test": []}
     with gzip.open(ASSET, "rt") as f:
         for _, seq in read_fasta(f):
             splits[split_of(seq, **SAMPLE_SPLIT)].append(encode(seq))
-    out.mkdir(parents=True, exist_ok=True)
     for split, docs in splits.items():
-        write_shard(out / shard_name(SAMPLE_NAME, split, 0), np.concatenate(docs))
-    (out / "ATTRIBUTION.txt").write_text(ATTRIBUTION + "\n")
+        write_shard(out / shard_name(SAMPLE_NAME, split, 0), np.concatenate(docs), where=where)
+    atomic_write(out / "ATTRIBUTION.txt", ATTRIBUTION + "\n", where=where)
     return out
 
 

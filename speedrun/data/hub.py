@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..errors import cli_main
+from ..fsutil import write_json
 from .shards import DataError, find_shards, read_header, shard_name
 
 # config name -> (hub repo, shard file prefix, local folder name); the conf/data/*.yaml files say the same
@@ -203,11 +205,11 @@ def download(name: str, repo: Optional[str], prefix: Optional[str], folder, num_
     names = expected_files(prefix, num_chunks, ("valid", "test", "train"))
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = {"repo": repo, "revision": revision, "prefix": prefix, "num_chunks": num_chunks,
-                    "files": names, "complete": False}
-        _write_json(folder / MANIFEST, manifest)
     except OSError as exc:
         raise DataError(f"{folder}: cannot create ({exc.strerror}): check data.root / data.path") from None
+    manifest = {"repo": repo, "revision": revision, "prefix": prefix, "num_chunks": num_chunks,
+                "files": names, "complete": False}
+    write_json(folder / MANIFEST, manifest, where="set data.root / data.path to a writable folder")
     fetched, present, tokens = [], [], 0
     t0 = time.time()
     for i, fname in enumerate(names, 1):
@@ -230,21 +232,17 @@ def download(name: str, repo: Optional[str], prefix: Optional[str], folder, num_
             raise DataError(f"{exc} (deleted; re-run the download to fetch it again)") from None
         fetched.append(fname)
     manifest["complete"] = True
-    _write_json(folder / MANIFEST, manifest)
+    write_json(folder / MANIFEST, manifest, where="set data.root / data.path to a writable folder")
     log(f"{name}: {len(names)} shard(s) verified in {folder} ({len(fetched)} fetched, {len(present)} already "
         f"there), {tokens:,} tokens, {time.time() - t0:.0f} s")
     return {"folder": str(folder), "fetched": fetched, "present": present, "tokens": tokens}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def run(argv: Optional[list] = None) -> int:
+    """`python -m speedrun.data download data=NAME [data.num_chunks=N] [data.root=DIR] ...` (Hydra overrides).
 
-
-def main(argv: Optional[list] = None) -> int:
-    """`python -m speedrun.data download data=NAME [data.num_chunks=N] [data.root=DIR] ...` (Hydra overrides)."""
-    from .__main__ import compose_data
+    A known failure raises (one line); `main` prints it the CLI way."""
+    from ..compose import compose
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -254,12 +252,13 @@ def main(argv: Optional[list] = None) -> int:
               "the token is read from HF_TOKEN only.")
         return 0
     try:
-        data = compose_data(argv)
+        data = compose(argv).data
         download(data.name, data.repo, data.file_prefix, data.path, data.num_chunks, data.revision)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: finished files are kept; re-run the same command to resume", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    return cli_main(run, argv)

@@ -15,7 +15,12 @@ Alongside the tokens comes `doc_ids` (int32, same shape): 0, 1, 2... per documen
 padding — the attention mask is built from it.
 
 The cursor (epoch, shard position, document position) is the whole state: `state_dict()` /
-`load_state_dict()` make a resumed run see exactly the batches an uninterrupted run would.
+`load_state_dict()` make a resumed run see exactly the batches an uninterrupted run would. The state
+also names the data it is a cursor into (shard count and `shards.fingerprint`: names and sizes), and
+resuming onto other data — a dataset re-prepared or re-downloaded under the run — is refused.
+
+Every shard's content is checked when it is opened (`shards.open_shard`: token ids in the vocabulary,
+residues present), and an evaluation split without a document is refused (its loss would be NaN).
 
 Speed: the loader must cost no GPU time, so a batch is built with a handful of numpy calls, not a
 Python loop over documents: per shard the rank's document order, lengths and their cumulative sums
@@ -45,7 +50,7 @@ import torch
 
 from ..packing import max_docs
 from ..vocab import PAD
-from .shards import DataError, doc_bounds, open_shard
+from .shards import DataError, doc_bounds, empty_split_error, fingerprint, open_shard
 
 
 class Shards:
@@ -123,6 +128,7 @@ class _DocCursor:
         if not files:
             raise DataError("no training shards given: check data.path")
         self.shards = Shards(files)
+        self.fingerprint = fingerprint(self.shards.files)
         self.T, self.max_length, self.seed = tokens_per_batch, max_length, seed
         self.rank, self.world = rank, world_size
         self.max_docs = max_docs(tokens_per_batch)
@@ -135,9 +141,20 @@ class _DocCursor:
     # -- cursor ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "doc_pos": self.doc_pos,
-                "seed": self.seed, "world_size": self.world, "n_files": len(self.shards)}
+                "seed": self.seed, "world_size": self.world, "n_files": len(self.shards),
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at `state`'s cursor; refused (one line) when it is a cursor into other data."""
+        n_then, fp_then = state.get("n_files"), state.get("fingerprint")  # older checkpoints lack them
+        changed = (n_then is not None and int(n_then) != len(self.shards)) or (fp_then is not None
+                                                                            and fp_then != self.fingerprint)
+        if changed:
+            then = f"{n_then} shard(s)" if n_then is not None else "other shards"
+            raise DataError(f"the training data changed since the checkpoint ({then}, fingerprint {fp_then}; now "
+                            f"{len(self.shards)} in {self.shards.files[0].parent}, fingerprint {self.fingerprint}): "
+                            "a resumed run must read the data it started with: restore that data (or point "
+                            "data.path at it), or start a new run in a new run directory")
         self.epoch, self.shard_pos, self.doc_pos = int(state["epoch"]), int(state["shard_pos"]), int(state["doc_pos"])
 
     def current_file(self) -> Optional[Path]:
@@ -388,6 +405,8 @@ class EvalSet:
                 break
         if not pk.empty:
             batches.append(pk.batch())
+        if n_docs == 0:
+            raise empty_split_error(files)
         return cls(batches, n_docs, n_tokens)
 
     def for_rank(self, rank: int, world: int) -> list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:

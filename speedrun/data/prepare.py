@@ -26,24 +26,35 @@ Why it is built the way it is:
 * **Refuse what is not sequences.** Binary files, HTML pages, empty files, a missing or wrong column
   (mostly letters outside the vocabulary), and nucleotide FASTA stop with one line naming the file.
 * **Atomic.** Everything is written into a hidden staging folder next to `--out`, each shard as a
-  `.tmp` file renamed only once complete; the staging folder is renamed to `--out` only at the very
-  end. An interrupted run leaves no shard — and no dataset — that looks complete.
+  `.tmp` file renamed only once complete; the files move into `--out` only at the very end (the shards
+  first, `prepare.json` last). An interrupted run leaves no shard — and no dataset — that looks complete.
+  A full or read-only disk is one line naming the file (`fsutil.WriteError`).
+* **One owner, and never a user's file.** A prepare holds `--out`'s lock (`fsutil.FolderLock`) for the
+  whole run: a second prepare into the same folder stops with one line naming the holder. It writes
+  only into a new or empty folder, or over its own earlier output with `--overwrite`, which removes
+  only the files its manifest (`.speedrun-manifest.json`, `fsutil.claim_output`) lists — never a file
+  the user put there, and never with an input inside `--out`.
+* **Workers die with prepare** (`PR_SET_PDEATHSIG` on Linux, and a parent-pid check): a killed prepare
+  leaves no worker blocked forever on its queue. Their number defaults to the CPUs this process may
+  use (`os.sched_getaffinity`), which the report states.
 """
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import hashlib
 import io
-import json
 import lzma
 import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -52,9 +63,11 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from ..errors import FolderError, cli_main
+from ..fsutil import LOCK_NAME, FolderLock, Manifest, atomic_write, claim_output, write_error, write_json
 from ..vocab import LETTERS, UNK, encode
 from . import split_of
-from .shards import HEADER_BYTES, HEADER_INTS, MAGIC, SPLITS, VERSION, DataError, shard_name
+from .shards import HEADER_BYTES, SPLITS, DataError, header_bytes, shard_name
 
 DEFAULT_SHARD_TOKENS = 10**8  # the reference's --shard_size: about 100 MB per shard
 FASTA_EXT = {".fa", ".fasta", ".faa", ".fas", ".fsa", ".pep", ".mpfa", ".aa"}
@@ -62,6 +75,9 @@ CSV_EXT = {".csv"}
 TSV_EXT = {".tsv", ".tab"}
 PARQUET_EXT = {".parquet", ".pq"}
 SEQUENCE_COLUMNS = ("sequence", "seq", "sequences", "protein_sequence", "aa_seq")
+TOOL = "prepare"  # the name in --out's manifest
+OUT_FIX = "choose another --out"
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which some editors put first
 
 # letters the vocabulary knows, plus white space (dropped): everything else becomes <unk>
 _KNOWN = np.zeros(256, dtype=bool)
@@ -84,11 +100,11 @@ class PrepareOptions:
     min_length: int = 1  # residues; shorter sequences (and empty records) are dropped
     max_length: int = 0  # residues; longer sequences are dropped (0 = keep all; the loader crops)
     shard_tokens: int = DEFAULT_SHARD_TOKENS
-    workers: int = 0  # worker processes (0 = every core; 1 = no pool)
+    workers: int = 0  # worker processes (0 = every CPU this process may use; 1 = no pool)
     column: Optional[str] = None  # CSV/TSV/parquet column holding the sequences (default: 'sequence')
     uppercase: bool = False  # upper-case letters first (soft-masked / lower-case inputs)
     strip_stop: bool = False  # drop trailing '*' (stop codons of translated ORFs) instead of <unk>
-    overwrite: bool = False  # replace an existing --out folder
+    overwrite: bool = False  # replace what an earlier prepare wrote into --out (never other files)
     attribution: Optional[str] = None  # written to ATTRIBUTION.txt next to the shards (licences such as CC BY)
     block_bytes: int = 4 << 20  # input block handed to a worker
 
@@ -132,6 +148,8 @@ def sniff(path: Path) -> str:
             head = f.read(1 << 16)
     except (OSError, EOFError, lzma.LZMAError) as exc:
         raise DataError(f"{path}: cannot decompress ({exc}): the file is truncated or corrupt") from None
+    if head.startswith(BOM):
+        head = head[len(BOM):]
     if not head.strip():
         raise DataError(f"{path}: empty file: no sequences")
     if b"\x00" in head:
@@ -159,7 +177,7 @@ def sniff(path: Path) -> str:
 
 def _fasta_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
     """Raw FASTA bytes in blocks that end at a record boundary (just before a line starting with '>')."""
-    carry = b""
+    carry, first = b"", True
     with _open_bytes(path) as f:
         while True:
             try:
@@ -168,6 +186,9 @@ def _fasta_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
                 raise DataError(f"{path}: cannot decompress ({exc}): the file is truncated or corrupt") from None
             if not chunk:
                 break
+            if first and chunk.startswith(BOM):
+                chunk = chunk[len(BOM):]
+            first = False
             buf = carry + chunk
             cut = buf.rfind(b"\n>")
             if cut <= 0:  # no record boundary yet (a huge record): keep reading
@@ -197,26 +218,41 @@ def _parse_fasta_block(block: bytes) -> tuple[list[bytes], int]:
 def _table_batches(path: Path, kind: str, column: Optional[str], block_bytes: int) -> Iterator[list]:
     """Lists of sequence strings from one column of a CSV/TSV file, about `block_bytes` at a time."""
     csv.field_size_limit(2**31 - 1)
-    try:
-        handle = io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="replace", newline="")
-        with handle:
-            reader = csv.reader(handle, delimiter="\t" if kind == "tsv" else ",")
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file: no sequences")
-            col = _pick_column(path, [h.strip() for h in header], column)
-            batch, size = [], 0
-            for row in reader:
-                value = row[col] if col < len(row) else ""
-                batch.append(value)
-                size += len(value) + 16
-                if size >= block_bytes:
-                    yield batch
-                    batch, size = [], 0
-            if batch:
+    handle = io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="replace", newline="")
+    with handle:
+        rows = _table_rows(path, kind, csv.reader(handle, delimiter="\t" if kind == "tsv" else ",", strict=True))
+        header = next(rows, None)
+        if header is None:
+            raise DataError(f"{path}: empty file: no sequences")
+        col = _pick_column(path, [h.strip() for h in header], column)
+        batch, size = [], 0
+        for row in rows:
+            value = row[col] if col < len(row) else ""
+            batch.append(value)
+            size += len(value) + 16
+            if size >= block_bytes:
                 yield batch
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed {kind.upper()} ({exc}): fix the file or convert it to FASTA") from None
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+
+def _table_rows(path: Path, kind: str, reader) -> Iterator[list]:
+    """The rows of a CSV/TSV reader, one line each: a record spanning lines is refused, naming its first
+    line — an unterminated quote swallows the rows after it into one chimeric field."""
+    while True:
+        first = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}: line {first}: malformed {kind.upper()} ({exc}; an unterminated or stray "
+                            "quote?): fix the quoting or convert the file to FASTA") from None
+        if reader.line_num > first:
+            raise DataError(f"{path}: line {first}: a quoted field runs on to line {reader.line_num} (an unterminated "
+                            "quote?): fix the quoting or convert the file to FASTA")
+        yield row
 
 
 def _pick_column(path: Path, names: list[str], column: Optional[str]) -> int:
@@ -342,12 +378,42 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _init_worker(opts: PrepareOptions) -> None:
-    import signal
-
+def _init_worker(opts: PrepareOptions, parent: int) -> None:
     global _WORKER_OPTS
     _WORKER_OPTS = opts
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when process `parent` dies: a killed prepare must not leave its workers blocked
+    forever on their queue. Linux: the kernel sends SIGKILL (PR_SET_PDEATHSIG); elsewhere, and for a
+    parent that died before that took effect, a check of the parent pid (at once, then every second)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc, arg = ctypes.CDLL(None, use_errno=True), ctypes.c_ulong  # prctl(int, unsigned long...)
+            libc.prctl(1, arg(int(signal.SIGKILL)), arg(0), arg(0), arg(0))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="speedrun-parent-watch", daemon=True).start()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups cpusets, SLURM), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _pool_task(task: tuple) -> _Chunk:
@@ -371,7 +437,8 @@ def _ordered_map(tasks: Iterable[tuple], opts: PrepareOptions, workers: int) -> 
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(opts,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(opts, os.getpid())) as pool:
         pending: deque = deque()
         try:
             for t in tasks:
@@ -392,7 +459,9 @@ class ShardWriter:
     """Streams one split's documents into shards of at most `shard_tokens` tokens (whole documents).
 
     Each shard goes to a `.{name}.*.tmp` file (header placeholder, then tokens as they come), gets its
-    real header, is fsync'ed and only then renamed to `{name}_{split}_{index:06d}.bin`.
+    real header, is fsync'ed and only then renamed to `{name}_{split}_{index:06d}.bin` (a streaming
+    writer: `fsutil.atomic_write` takes the whole file at once). A failed write (full disk, read-only)
+    is a one-line `fsutil.WriteError` naming the shard.
     """
 
     def __init__(self, folder: Path, name: str, split: str, shard_tokens: int):
@@ -421,32 +490,40 @@ class ShardWriter:
             if self.n >= self.shard_tokens:
                 self._close()
 
+    @contextlib.contextmanager
+    def _disk(self):
+        """OSError of a write -> one-line WriteError naming the shard."""
+        try:
+            yield
+        except OSError as exc:
+            raise write_error(self.folder / shard_name(self.name, self.split, self.index), exc, OUT_FIX) from exc
+
     def _write(self, toks: np.ndarray) -> None:
-        if self._f is None:
-            final = shard_name(self.name, self.split, self.index)
-            fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=self.folder)
-            self._f, self._tmp = os.fdopen(fd, "wb"), tmp
-            self._f.write(b"\x00" * HEADER_BYTES)
         if self.n + toks.size >= 2**31:
             raise DataError(f"{self.folder / shard_name(self.name, self.split, self.index)}: a shard cannot hold "
                             "2**31 tokens: lower --shard-tokens")
-        self._f.write(np.ascontiguousarray(toks, dtype=np.uint8).tobytes())
+        with self._disk():
+            if self._f is None:
+                final = shard_name(self.name, self.split, self.index)
+                fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=self.folder)
+                self._f, self._tmp = os.fdopen(fd, "wb"), tmp
+                self._f.write(b"\x00" * HEADER_BYTES)
+            self._f.write(np.ascontiguousarray(toks, dtype=np.uint8).tobytes())
         self.n += toks.size
         self.tokens += toks.size
 
     def _close(self) -> None:
         if self._f is None:
             return
-        header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[0], header[1], header[2] = MAGIC, VERSION, self.n
-        self._f.seek(0)
-        self._f.write(header.tobytes())
-        self._f.flush()
-        os.fchmod(self._f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; shards are meant to be shared
-        os.fsync(self._f.fileno())
-        self._f.close()
         final = self.folder / shard_name(self.name, self.split, self.index)
-        os.replace(self._tmp, final)
+        with self._disk():
+            self._f.seek(0)
+            self._f.write(header_bytes(self.n))
+            self._f.flush()
+            os.fchmod(self._f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; shards are meant to be shared
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self._tmp, final)
         self.files.append(final)
         self._f, self._tmp, self.n = None, None, 0
         self.index += 1
@@ -457,7 +534,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._f is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._f.close()
             if self._tmp and os.path.exists(self._tmp):
                 os.unlink(self._tmp)
             self._f = None
@@ -502,86 +580,90 @@ def _check_file(path: Path, c: dict, final: bool, column: Optional[str]) -> None
                         "nucleotide sequences, not protein: translate them first")
 
 
-def _claim_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out}: already holds files: pass --overwrite to replace them, or choose another --out")
-
-
-def _clean_leftovers(out: Path) -> None:
-    """Remove staging folders of interrupted runs whose process is gone."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-            continue  # still running (another prepare): leave it
-        except (ValueError, ProcessLookupError):
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def prepare(inputs: list, out, opts: Optional[PrepareOptions] = None,
-            log: Callable[[str], None] = print) -> dict:
-    """Tokenize `inputs` into train/valid/test shards in `out`; return (and save as prepare.json) the counts."""
-    t0 = time.time()
-    opts = opts or PrepareOptions()
-    inputs = [Path(p).expanduser() for p in inputs]
-    out = Path(out).expanduser()
+def _check_options(inputs: list[Path], opts: PrepareOptions) -> None:
     if not inputs:
         raise DataError("prepare: no input files: pass FASTA / CSV / TSV / parquet files")
     if not (opts.valid_frac >= 0 and opts.test_frac >= 0 and opts.valid_frac + opts.test_frac < 1):
         raise DataError(f"--valid-frac {opts.valid_frac} + --test-frac {opts.test_frac} must be in [0, 1)")
     if opts.shard_tokens < 1 or opts.shard_tokens >= 2**31:
         raise DataError(f"--shard-tokens {opts.shard_tokens} must be in [1, 2**31)")
+
+
+def _refuse_inputs_inside(inputs: list[Path], out: Path) -> None:
+    """An input inside --out could be replaced or removed by this very run: refused, whatever the flags."""
+    root = out.resolve()
+    for p in inputs:
+        if p.resolve().is_relative_to(root):
+            raise FolderError(f"{p} is inside --out {out}: prepare writes there (and --overwrite removes what it "
+                              "wrote): move the input out of that folder or choose another --out")
+
+
+def prepare(inputs: list, out, opts: Optional[PrepareOptions] = None,
+            log: Callable[[str], None] = print) -> dict:
+    """Tokenize `inputs` into train/valid/test shards in `out`; return (and save as prepare.json) the counts.
+
+    The run owns `out` (its lock) from the first check to the last file; see the module docstring for
+    what it refuses to touch. On any failure `out` is as it was (a folder this run created is removed);
+    with `overwrite` the earlier dataset is replaced only once the new one is complete.
+    """
+    t0 = time.time()
+    opts = opts or PrepareOptions()
+    inputs = [Path(p).expanduser() for p in inputs]
+    out = Path(out).expanduser()
+    _check_options(inputs, opts)
     kinds = [sniff(p) for p in inputs]  # every input is checked before any work starts
-    _claim_out(out, opts.overwrite)
-    name = opts.name or _default_name(out)
-    workers = opts.workers or os.cpu_count() or 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out)
+    _refuse_inputs_inside(inputs, out)
+    if out.exists() and not out.is_dir():
+        raise FolderError(f"{out}: exists and is not a folder: {OUT_FIX}")
+    created = not out.exists()
+    lock = FolderLock(out, "--out folder").acquire()
+    try:
+        manifest = claim_output(out, TOOL, opts.overwrite, remove=False)  # the old output goes once the new is done
+        report = _build(inputs, kinds, out, manifest, opts, log, t0)
+    except BaseException:
+        if created:  # leave no empty folder behind (the lock file goes while still held)
+            with contextlib.suppress(OSError):
+                if all(p.name == LOCK_NAME for p in out.iterdir()):
+                    (out / LOCK_NAME).unlink()
+                    out.rmdir()
+        raise
+    finally:
+        lock.release()
+    log(format_report(report))
+    for split in ("train", "valid"):
+        if not report["sequences"][split]:
+            log(f"warning: the {split} split is empty and a run needs it: add sequences"
+                + (" or raise --valid-frac" if split == "valid" else ""))
+    return report
+
+
+def _stage(out: Path) -> Path:
+    """A fresh staging folder beside `out`. Staging folders of earlier runs into `out` are leftovers of
+    killed runs (this run holds `out`'s lock) and are removed."""
+    out = out.resolve()  # `--out .` too: the staging folder goes beside the real folder, never inside it
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(p, ignore_errors=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise write_error(staging, exc, OUT_FIX) from exc
+    return staging
+
+
+def _build(inputs: list[Path], kinds: list[str], out: Path, manifest: Manifest, opts: PrepareOptions,
+           log: Callable[[str], None], t0: float) -> dict:
+    """Encode everything into a staging folder, then publish it into `out`; the report."""
+    name = opts.name or _default_name(out)
+    workers = opts.workers or usable_cpus()
+    staging = _stage(out)
     writers = {s: ShardWriter(staging, name, s, opts.shard_tokens) for s in SPLITS}
-    per_file = [dict(records=0, letters=0, unknown=0, nucleotide=0, kept=0) for _ in inputs]
-    totals = dict(records=0, empty=0, too_short=0, too_long=0, duplicates=0, letters=0, unknown_letters=0,
-                  unk_tokens=0, seqs_with_unk=0)
-    kept = {s: 0 for s in SPLITS}
-    seen: set = set()
     done = False
     try:
         log(f"prepare: {len(inputs)} file(s) -> {out} ({workers} worker(s))")
-        for chunk in _ordered_map(_tasks(inputs, kinds, opts), opts, workers):
-            f = per_file[chunk.file]
-            if chunk.end:  # the file is finished: check it as a whole
-                _check_file(inputs[chunk.file], f, True, opts.column)
-                continue
-            f["records"] += chunk.records
-            f["letters"] += chunk.letters
-            f["unknown"] += chunk.unknown_letters
-            f["nucleotide"] += chunk.nucleotide_letters
-            _check_file(inputs[chunk.file], f, False, opts.column)
-            for k in ("records", "empty", "too_short", "too_long", "letters", "unknown_letters", "unk_tokens",
-                      "seqs_with_unk"):
-                totals[k] += getattr(chunk, k)
-            for split in SPLITS:
-                if split not in chunk.tokens:
-                    continue
-                toks, lengths = chunk.tokens[split], chunk.lengths[split]
-                if opts.dedup:
-                    keep = np.fromiter(((d not in seen, seen.add(d))[0] for d in chunk.digests[split].tolist()),
-                                       dtype=bool, count=lengths.size)
-                    totals["duplicates"] += int((~keep).sum())
-                    if not keep.all():
-                        toks = toks[np.repeat(keep, lengths)]
-                        lengths = lengths[keep]
-                writers[split].add(toks, lengths)
-                kept[split] += int(lengths.size)
-                f["kept"] += int(lengths.size)
+        totals, per_file = _encode_all(inputs, kinds, opts, writers, workers)
         files = {s: writers[s].finish() for s in SPLITS}
+        kept = {s: totals["kept_" + s] for s in SPLITS}
         report = {
             "out": str(out), "name": name, "inputs": [str(p) for p in inputs], "formats": kinds,
             "options": {k: v for k, v in asdict(opts).items()
@@ -598,42 +680,76 @@ def prepare(inputs: list, out, opts: Optional[PrepareOptions] = None,
                          for p, f in zip(inputs, per_file)],
             "workers": workers, "seconds": round(time.time() - t0, 2),
         }
-        (staging / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(staging / "prepare.json", report, where=OUT_FIX)
         if opts.attribution:
-            (staging / "ATTRIBUTION.txt").write_text(opts.attribution.strip() + "\n")
-        _publish(staging, out)
+            atomic_write(staging / "ATTRIBUTION.txt", opts.attribution.strip() + "\n", where=OUT_FIX)
+        _publish(staging, out, manifest)
         done = True
     finally:
         if not done:
             for w in writers.values():
                 w.abort()
             shutil.rmtree(staging, ignore_errors=True)
-    log(format_report(report))
-    for split in ("train", "valid"):
-        if not kept[split]:
-            log(f"warning: the {split} split is empty and a run needs it: add sequences"
-                + (" or raise --valid-frac" if split == "valid" else ""))
     return report
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder to `out` in one step (replacing an old `out` if allowed)."""
-    if out.is_dir():
-        if not any(out.iterdir()):
-            out.rmdir()
-        else:  # --overwrite, checked at the start
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.rename(staging, out)
+def _encode_all(inputs: list[Path], kinds: list[str], opts: PrepareOptions, writers: dict,
+                workers: int) -> tuple[dict, list]:
+    """Stream every input through the workers into `writers`; (totals, per-file counts)."""
+    per_file = [dict(records=0, letters=0, unknown=0, nucleotide=0, kept=0) for _ in inputs]
+    totals = dict(records=0, empty=0, too_short=0, too_long=0, duplicates=0, letters=0, unknown_letters=0,
+                  unk_tokens=0, seqs_with_unk=0, **{"kept_" + s: 0 for s in SPLITS})
+    seen: set = set()
+    for chunk in _ordered_map(_tasks(inputs, kinds, opts), opts, workers):
+        f = per_file[chunk.file]
+        if chunk.end:  # the file is finished: check it as a whole
+            _check_file(inputs[chunk.file], f, True, opts.column)
+            continue
+        f["records"] += chunk.records
+        f["letters"] += chunk.letters
+        f["unknown"] += chunk.unknown_letters
+        f["nucleotide"] += chunk.nucleotide_letters
+        _check_file(inputs[chunk.file], f, False, opts.column)
+        for k in ("records", "empty", "too_short", "too_long", "letters", "unknown_letters", "unk_tokens",
+                  "seqs_with_unk"):
+            totals[k] += getattr(chunk, k)
+        for split in SPLITS:
+            if split not in chunk.tokens:
+                continue
+            toks, lengths = chunk.tokens[split], chunk.lengths[split]
+            if opts.dedup:
+                keep = np.fromiter(((d not in seen, seen.add(d))[0] for d in chunk.digests[split].tolist()),
+                                   dtype=bool, count=lengths.size)
+                totals["duplicates"] += int((~keep).sum())
+                if not keep.all():
+                    toks = toks[np.repeat(keep, lengths)]
+                    lengths = lengths[keep]
+            writers[split].add(toks, lengths)
+            totals["kept_" + split] += int(lengths.size)
+            f["kept"] += int(lengths.size)
+    return totals, per_file
+
+
+def _publish(staging: Path, out: Path, manifest: Manifest) -> None:
+    """Move the finished files into `out`: the shards first, prepare.json (the mark of a complete dataset)
+    last. The manifest lists them all before the first move, so that a later --overwrite also removes a
+    set whose publishing was cut short."""
+    names = sorted((p.name for p in staging.iterdir()), key=lambda n: (n == "prepare.json", n))
+    manifest.remove_previous()  # --overwrite: the earlier dataset's files (only those) go now, not before
+    manifest.record(names)
+    for n in names:
+        try:
+            os.replace(staging / n, out / n)
+        except OSError as exc:
+            raise write_error(out / n, exc, OUT_FIX) from exc
+    staging.rmdir()
 
 
 def format_report(r: dict) -> str:
     s, t = r["sequences"], r["tokens"]
     lines = [
-        f"read {r['sequences_read']:,} sequences from {len(r['inputs'])} file(s) in {r['seconds']:.1f} s",
+        f"read {r['sequences_read']:,} sequences from {len(r['inputs'])} file(s) in {r['seconds']:.1f} s "
+        f"with {r['workers']} worker(s)",
         f"kept {sum(s.values()):,} sequences, {sum(t.values()):,} tokens ({r['residues']:,} residues): "
         + ", ".join(f"{k} {s[k]:,} seqs / {t[k]:,} tokens in {len(r['shards'][k])} shard(s)" for k in SPLITS),
         f"dropped: {r['duplicates']:,} duplicates, {r['empty']:,} empty, {r['too_short']:,} too short, "
@@ -645,7 +761,8 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list] = None) -> int:
+def run(argv: Optional[list] = None) -> int:
+    """`python -m speedrun.data prepare ...`; a known failure raises (one line), `main` prints it."""
     import argparse
 
     ap = argparse.ArgumentParser(
@@ -653,7 +770,8 @@ def main(argv: Optional[list] = None) -> int:
         description="Tokenize FASTA (plain/.gz), CSV/TSV (a sequence column) or parquet into train/valid/test "
                     "shards, split by a hash of each sequence.")
     ap.add_argument("inputs", nargs="+", metavar="INPUT", help="sequence files")
-    ap.add_argument("--out", required=True, help="output folder (created; must be new or empty)")
+    ap.add_argument("--out", required=True, help="output folder (created; must be new or empty, or hold an "
+                    "earlier prepare's output with --overwrite)")
     d = PrepareOptions()
     ap.add_argument("--name", default=None, help="shard name prefix (default: the --out folder's name)")
     ap.add_argument("--valid-frac", type=float, default=d.valid_frac, help=f"default {d.valid_frac}")
@@ -663,11 +781,13 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--max-length", type=int, default=d.max_length,
                     help="drop sequences with more residues (0 = keep all; training crops long ones)")
     ap.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="tokens per shard (default 1e8)")
-    ap.add_argument("--workers", type=int, default=0, help="worker processes (default: every core)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="worker processes (default: every CPU this process may use)")
     ap.add_argument("--column", default=None, help="CSV/TSV/parquet sequence column (default: 'sequence')")
     ap.add_argument("--uppercase", action="store_true", help="upper-case letters first (else lower case -> <unk>)")
     ap.add_argument("--strip-stop", action="store_true", help="drop trailing '*' (else it becomes <unk>)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace what an earlier prepare wrote into --out (never other files)")
     ap.add_argument("--attribution", default=None, help="text for ATTRIBUTION.txt beside the shards (e.g. the "
                     "data licence's required credit)")
     a = ap.parse_args(argv)
@@ -675,7 +795,6 @@ def main(argv: Optional[list] = None) -> int:
                           min_length=a.min_length, max_length=a.max_length, shard_tokens=a.shard_tokens,
                           workers=a.workers, column=a.column, uppercase=a.uppercase, strip_stop=a.strip_stop,
                           overwrite=a.overwrite, attribution=a.attribution)
-    import signal
 
     def _terminate(signum, frame):  # SIGTERM (kill, SLURM) unwinds like Ctrl-C: the staging folder is removed
         raise KeyboardInterrupt
@@ -683,10 +802,11 @@ def main(argv: Optional[list] = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         prepare(a.inputs, a.out, opts)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr, flush=True)
+        print("interrupted: no new dataset was written", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    return cli_main(run, argv)

@@ -5,21 +5,26 @@ A shard is a 1,024-byte header of 256 little-endian int32 — [0] magic 20240520
 `<cls> residues <eos>` back to back, with no separator. Files are named
 `{name}_{split}_{index:06d}.bin` with split one of train / valid / test.
 
-Writing is atomic: the bytes go to a temporary file in the same folder that is renamed into place
-only once complete, so an interrupted writer never leaves a shard that looks whole. Reading checks
-magic, version and length and raises `DataError` with one line naming the file.
+Writing is atomic (`fsutil.atomic_write`): an interrupted writer never leaves a shard that looks whole,
+and a full or read-only disk is one line naming the file. Reading checks magic, version and length, and
+opening a shard (`open_shard`) also checks its content once (cached per file version): every token id
+is in the 33-token vocabulary, and a non-empty shard holds residues (not only `<pad>` or other special
+tokens). Every read failure is a `DataError` with one line naming the file.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from ..errors import DataError  # noqa: F401  (re-exported: missing, corrupt or unreadable data)
+from ..fsutil import atomic_write, write_error
+from ..vocab import AA_FIRST, VOCAB_SIZE
 
 MAGIC = 20240520
 VERSION = 1
@@ -33,32 +38,29 @@ def shard_name(name: str, split: str, index: int) -> str:
     return f"{name}_{split}_{index:06d}.bin"
 
 
-def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> int:
-    """Write `tokens` (any int array with values < 256) as one shard, atomically. Returns N."""
+def write_shard(path: str | os.PathLike, tokens: np.ndarray, where: str = "choose another folder") -> int:
+    """Write `tokens` (any int array with values < 256) as one shard, atomically. Returns N.
+
+    A failed write (full disk, read-only, permission) is a one-line `fsutil.WriteError` naming the file
+    and `where` to go instead."""
     path = Path(path)
     tokens = np.ascontiguousarray(tokens, dtype=np.uint8)
     n = int(tokens.size)
     if n >= 2**31:
         raise DataError(f"{path}: {n} tokens do not fit one shard (limit 2**31): write smaller shards")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc, where) from exc
+    atomic_write(path, header_bytes(n) + tokens.tobytes(), where=where)
+    return n
+
+
+def header_bytes(n: int) -> bytes:
+    """The 1,024-byte header of a shard of `n` tokens."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, n
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a shard is ordinary data, readable like any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return n
+    return header.tobytes()
 
 
 def read_header(path: str | os.PathLike) -> int:
@@ -89,11 +91,69 @@ def read_header(path: str | os.PathLike) -> int:
 
 
 def open_shard(path: str | os.PathLike) -> np.ndarray:
-    """The tokens of a validated shard as a read-only uint8 memmap."""
+    """The tokens of a validated shard (header and content) as a read-only uint8 memmap."""
     n = read_header(path)
     if n == 0:
         return np.zeros(0, dtype=np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(n,))
+    tokens = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(n,))
+    check_tokens(path, tokens)
+    return tokens
+
+
+_CHECKED: dict[tuple, None] = {}  # file versions whose content passed check_tokens
+
+
+def check_tokens(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Raise a one-line DataError if a shard's tokens are not protein tokens of the vocabulary.
+
+    One vectorised max over the shard (about 30 ms per 10^8 tokens), once per file version (path, inode,
+    size, modification time): an id >= 33 (named with its offset; the embedding would fail far from here,
+    naming no file) or a shard with no residue at all (only <cls>/<pad>/<eos>/<unk>: loss 0 every step).
+    """
+    try:
+        st = os.stat(path)
+        key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _CHECKED:
+        return
+    top = int(tokens.max()) if tokens.size else 0
+    if top >= VOCAB_SIZE:
+        i = int(np.argmax(np.asarray(tokens) >= VOCAB_SIZE))
+        raise DataError(f"{path}: token id {int(tokens[i])} at token {i} (byte {HEADER_BYTES + i}) is outside the "
+                        f"{VOCAB_SIZE}-token vocabulary: not a shard of this vocabulary or corrupt; re-prepare or "
+                        "re-download it")
+    if tokens.size and top < AA_FIRST:
+        raise DataError(f"{path}: {tokens.size} tokens but no residue (only <cls>/<pad>/<eos>/<unk>): nothing to "
+                        "train or evaluate on; re-prepare it from the sequences")
+    if key is not None:
+        if len(_CHECKED) > 4096:
+            _CHECKED.clear()
+        _CHECKED[key] = None
+
+
+def empty_split_error(files: list, split: str = "evaluation") -> DataError:
+    """The one-line error for a split whose shards hold no document (an evaluation loss would be NaN)."""
+    shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return DataError(f"{shown or f'no {split} shards'}: the {split} split holds no documents (0 tokens), so its "
+                     "loss would be NaN: re-prepare the data with more sequences (or a larger --valid-frac / "
+                     "--test-frac)")
+
+
+def fingerprint(files: Iterable[str | os.PathLike]) -> str:
+    """A cheap fingerprint of a shard list: the file names and sizes, in order (no file is read).
+
+    Re-preparing or re-downloading a dataset almost always changes a size; a run resuming onto
+    different data is refused on it (`loader._DocCursor.load_state_dict`)."""
+    parts = []
+    for f in files:
+        f = Path(f)
+        try:
+            size = f.stat().st_size
+        except OSError:
+            size = read_header(f)  # raises the one-line DataError naming the file
+        parts.append(f"{f.name}:{size}")
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
 
 
 def find_shards(folder: str | os.PathLike, split: str) -> list[Path]:
