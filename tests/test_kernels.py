@@ -1,7 +1,14 @@
-"""speedrun.kernels: the FA4 custom op's registration, window mapping and fallback (CPU)."""
+"""speedrun.kernels: the FA4 custom op's registration, window mapping and fallback (CPU), the Triton
+QK-norm + RoPE kernel under Triton's interpreter (skipped without triton), its sm90 compile, and FA4
+against FA2 on a GPU (skipped without CUDA).
+
+Interpreter tests: PYTHONPATH=$PWD:/work/.triton-site TRITON_INTERPRET=1 pytest tests/test_kernels.py
+"""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 import types
 import warnings
@@ -9,8 +16,20 @@ import warnings
 import pytest
 import torch
 
-from speedrun.kernels import fa4
+from speedrun.kernels import fa4, rope
+from speedrun.model import Rotary, apply_rotary, norm
 
+try:
+    import triton  # noqa: F401
+
+    TRITON = True
+except Exception:  # not installed (CI), or broken
+    TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(
+    not (TRITON and INTERPRET), reason="needs triton and TRITON_INTERPRET=1 (PYTHONPATH=...:/work/.triton-site)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture
@@ -163,3 +182,105 @@ def test_probe_on_cpu_is_quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fa4.probe("cpu", 6, 128)[0] is False
+
+
+# ----------------------------------------------------------------------------------------------------
+# QK norm + RoPE
+
+
+def _rope_case(T, H, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(T, 3, H, D, generator=g) * 2 + 0.3).to(dtype)
+    grads = [torch.randn(T, H, D, generator=g).to(dtype) for _ in range(2)]
+    return qkv, Rotary(D, 10000.0)(T, dtype), grads
+
+
+def _rope_results(fn, qkv, tables, grads, dtype=None):
+    """yq, yk, dq, dk with q, k strided views of the QKV output (cast to `dtype` first)."""
+    if dtype is not None:
+        qkv, tables, grads = qkv.to(dtype), tuple(t.to(dtype) for t in tables), [g.to(dtype) for g in grads]
+    qkv = qkv.detach().requires_grad_()
+    q, k, _ = qkv.unbind(1)
+    yq, yk = fn(q, k, tables)
+    return (yq.detach(), yk.detach(), *torch.autograd.grad((yq, yk), (q, k), grads))
+
+
+def _model_formula(q, k, tables):
+    return apply_rotary(norm(q), tables), apply_rotary(norm(k), tables)
+
+
+def test_default_eps_is_the_computation_dtype_epsilon():
+    x = torch.randn(4, 64) * 1e-3  # small rows, where eps matters
+    for dtype in (torch.float32, torch.bfloat16):
+        want = torch.nn.functional.rms_norm(x.to(dtype), (64,))
+        got = torch.nn.functional.rms_norm(x.to(dtype), (64,), eps=rope.default_eps(dtype))
+        assert torch.equal(got, want)
+    assert rope.default_eps(torch.bfloat16) == torch.finfo(torch.float32).eps
+
+
+def test_rope_eager_path_matches_the_model_and_compiles(monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setattr(rope, "_use_triton", lambda x: False)
+    qkv, tables, grads = _rope_case(12, 3, 32, torch.float32)
+    want = _rope_results(_model_formula, qkv, tables, grads)
+    got = _rope_results(rope.qk_norm_rope, qkv, tables, grads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    q, k, _ = qkv.unbind(1)
+    torch.library.opcheck(torch.ops.speedrun.qk_norm_rope, (q.requires_grad_(), k, *tables, 1e-6))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda a, b, t: rope.qk_norm_rope(a * 1.0, b, t), backend=counter, fullgraph=True)
+    for a, b in zip(_rope_results(compiled, qkv, tables, grads), want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    assert counter.frame_count == 1
+
+
+@needs_interpreter
+@pytest.mark.parametrize("T,H,D", [(7, 3, 16), (33, 2, 128), (5, 1, 96), (4, 2, 256), (9, 6, 2), (0, 2, 8)])
+def test_triton_kernel_matches_eager_in_fp32(T, H, D):
+    qkv, tables, grads = _rope_case(T, H, D, torch.float32, seed=T + D)
+    q = qkv[:, 0]
+    assert rope._use_triton(q)
+    want = _rope_results(_model_formula, qkv, tables, grads)
+    got = _rope_results(rope.qk_norm_rope, qkv, tables, grads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("T,H,D", [(17, 3, 64), (6, 2, 128)])
+def test_triton_kernel_in_bf16_is_within_one_ulp_of_fp32(T, H, D):
+    """The kernel computes in fp32 and rounds once (the interpreter truncates, the GPU rounds to
+    nearest: one ulp covers both); the eager bf16 chain is shown no closer."""
+    qkv, tables, grads = _rope_case(T, H, D, torch.bfloat16, seed=1)
+    truth = _rope_results(_model_formula, qkv, tables, grads, torch.float32)
+    got = _rope_results(rope.qk_norm_rope, qkv, tables, grads)
+    eager = _rope_results(_model_formula, qkv, tables, grads)
+    for g, e, t in zip(got, eager, truth):
+        assert g.dtype == torch.bfloat16 and rope.within_one_ulp(g, t)[0]
+        torch.testing.assert_close(e.float(), t, atol=0.1, rtol=0.02)  # the eager chain: same values
+
+
+@needs_interpreter
+def test_triton_kernel_reads_contiguous_and_strided_inputs_alike():
+    qkv, tables, grads = _rope_case(11, 2, 32, torch.float32)
+    strided = _rope_results(rope.qk_norm_rope, qkv, tables, grads)
+    q, k = (t.detach().contiguous().requires_grad_() for t in qkv.unbind(1)[:2])
+    yq, yk = rope.qk_norm_rope(q, k, tables)
+    dense = (yq, yk, *torch.autograd.grad((yq, yk), (q, k), grads))
+    for a, b in zip(strided, dense):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs triton")
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter accepts code that the compiler rejects: compile both kernels for sm90 (bf16,
+    D = 128) through triton's own ptxas, in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from speedrun.kernels._rope_triton import compile_for\n"
+            "ks = compile_for(90, 'bf16', 128)\n"
+            "print(sorted(ks), all(len(k.asm['cubin']) > 0 for k in ks.values()))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "'triton_qk_norm_rope_bwd', 'triton_qk_norm_rope_fwd'] True" in done.stdout
