@@ -284,3 +284,35 @@ def test_triton_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'triton_qk_norm_rope_bwd', 'triton_qk_norm_rope_fwd'] True" in done.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU
+
+
+@needs_cuda
+def test_fa4_matches_fa2_on_packed_documents_with_padding():
+    from speedrun.bench import kernels as bench
+
+    device = torch.device("cuda")
+    ok, why = fa4.available(device)
+    if not ok:
+        pytest.skip(why)
+    inp = bench.attention_inputs(bench.packed_doc_ids(8192, max_len=1024), 6, 128, 1024, device)
+    table = bench.Table()
+    for window in (-1, 256):
+        bench.check_attention(table, inp, window, fa4_ok=True)
+    bench.check_padding(table, inp)
+    assert not table.failed(), table.rows
+
+
+@needs_cuda
+def test_triton_rope_on_cuda_within_one_ulp():
+    from speedrun.bench import kernels as bench
+
+    if not rope._use_triton(torch.empty(1, 1, 128, device="cuda")):
+        pytest.skip("triton not importable")
+    table = bench.Table()
+    for dtype in (torch.bfloat16, torch.float32):
+        bench.check_rope(table, bench.rope_inputs(4096, 6, 128, dtype, torch.device("cuda")), dtype)
+    assert not table.failed(), table.rows
