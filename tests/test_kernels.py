@@ -162,7 +162,8 @@ def test_failure_on_first_call_falls_back_with_one_warning(fresh_fa4, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("cute DSL: ptxas failed")
 
-    monkeypatch.setattr(fa4, "_interface", types.SimpleNamespace(flash_attn_varlen_func=broken, _flash_attn_bwd=broken))
+    broken_fa4 = types.SimpleNamespace(flash_attn_varlen_func=broken, _flash_attn_bwd=broken)
+    monkeypatch.setattr(fa4, "_interface", broken_fa4)
     monkeypatch.setattr(fa4, "available", lambda device: (True, "pretend"))
     monkeypatch.setattr(fa4, "_on_fa4", lambda t: True)
     with warnings.catch_warnings(record=True) as record:
@@ -273,9 +274,75 @@ def test_triton_kernel_reads_contiguous_and_strided_inputs_alike():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _mix_case(T, H, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(T, 3, H, D, generator=g) * 2 + 0.3).to(dtype)
+    ve = torch.randn(T, H, D, generator=g).to(dtype)
+    grads = [torch.randn(T, H, D, generator=g).to(dtype) for _ in range(3)]
+    return qkv, ve, torch.tensor([0.7, -0.4]), Rotary(D, 10000.0)(T, dtype), grads
+
+
+def _mix_results(fn, qkv, ve, lambdas, tables, grads, dtype=None):
+    """q, k, v and the gradients of qkv, ve, lambdas (inputs cast to `dtype` first; lambdas stay fp32)."""
+    if dtype is not None:
+        qkv, ve, grads = qkv.to(dtype), ve.to(dtype), [g.to(dtype) for g in grads]
+        tables = tuple(t.to(dtype) for t in tables)
+    leaves = [t.detach().requires_grad_() for t in (qkv, ve, lambdas)]
+    outs = fn(*leaves, tables)
+    return (*(o.detach() for o in outs), *torch.autograd.grad(outs, leaves, grads))
+
+
+def _mix_formula(qkv, ve, lambdas, tables):
+    """Attention.forward of speedrun.model between the QKV GEMM and attention."""
+    q, k, v = qkv.unbind(1)
+    v = lambdas[0] * v + lambdas[1] * ve
+    return (*_model_formula(q, k, tables), v)
+
+
+def test_mix_eager_path_matches_the_model_and_compiles(monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setattr(rope, "_use_triton", lambda x: False)
+    case = _mix_case(10, 3, 32, torch.float32)
+    want = _mix_results(_mix_formula, *case)
+    for a, b in zip(_mix_results(rope.qkv_norm_rope_mix, *case), want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    qkv, ve, lambdas, tables, _ = case
+    torch.library.opcheck(torch.ops.speedrun.qkv_norm_rope_mix,
+                          (qkv.requires_grad_(), ve.requires_grad_(), lambdas.requires_grad_(), *tables, 1e-6))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda a, b, c, t: rope.qkv_norm_rope_mix(a * 1.0, b, c, t), backend=counter,
+                             fullgraph=True)
+    for a, b in zip(_mix_results(compiled, *case), want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+
+
+@needs_interpreter
+@pytest.mark.parametrize("T,H,D", [(7, 3, 16), (33, 2, 128), (5, 1, 96), (0, 2, 8)])
+def test_triton_mix_kernel_matches_eager_in_fp32(T, H, D):
+    case = _mix_case(T, H, D, torch.float32, seed=T + D)
+    assert rope._use_triton(case[0])
+    want = _mix_results(_mix_formula, *case)
+    got = _mix_results(rope.qkv_norm_rope_mix, *case)
+    for name, a, b in zip(("q", "k", "v", "dqkv", "dve", "dlambdas"), got, want):
+        # d lambdas sums T x H x D products: fp32 summation order shows at ~1e-5
+        torch.testing.assert_close(a, b, atol=1e-4 if name == "dlambdas" else 1e-5, rtol=1e-5, msg=name)
+
+
+@needs_interpreter
+def test_triton_mix_kernel_in_bf16_is_within_one_ulp_of_fp32():
+    case = _mix_case(19, 3, 64, torch.bfloat16, seed=2)
+    truth = _mix_results(_mix_formula, *case, dtype=torch.float32)
+    got = _mix_results(rope.qkv_norm_rope_mix, *case)
+    for g, t in zip(got[:5], truth[:5]):
+        assert g.dtype == torch.bfloat16 and rope.within_one_ulp(g, t)[0]
+    torch.testing.assert_close(got[5], truth[5], atol=1e-3, rtol=1e-4)  # d lambdas: fp32 sums of bf16 products
+
+
 @pytest.mark.skipif(not TRITON, reason="needs triton")
 def test_triton_kernels_compile_for_sm90():
-    """The interpreter accepts code that the compiler rejects: compile both kernels for sm90 (bf16,
+    """The interpreter accepts code that the compiler rejects: compile every kernel for sm90 (bf16,
     D = 128) through triton's own ptxas, in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("from speedrun.kernels._rope_triton import compile_for\n"
@@ -283,7 +350,8 @@ def test_triton_kernels_compile_for_sm90():
             "print(sorted(ks), all(len(k.asm['cubin']) > 0 for k in ks.values()))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "'triton_qk_norm_rope_bwd', 'triton_qk_norm_rope_fwd'] True" in done.stdout
+    assert ("'triton_qk_norm_rope_bwd', 'triton_qk_norm_rope_fwd', 'triton_qkv_norm_rope_mix_bwd', "
+            "'triton_qkv_norm_rope_mix_fwd'] True") in done.stdout
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ log-normal lengths of mean ~390 cropped at 1,024, then trailing padding, laid ou
    an fp32 per-document reference and against FA2 (`torch.nn.attention.varlen.varlen_attn`), without
    and with a sliding window (256), padding included; that padding never reaches a document; that the
    op compiles into one graph (fullgraph=True); and `fa4.probe`;
-2. checks the Triton QK-norm + RoPE kernel (`speedrun.kernels.rope`) forward and backward against the
-   eager formula in bf16 and fp32;
+2. checks the Triton kernels of `speedrun.kernels.rope` forward and backward against the formula in
+   fp32 (within one bf16/fp32 ulp): `qk_norm_rope` (QK RMS-norm + RoPE on the q, k views) and
+   `qkv_norm_rope_mix` (the same plus the value-embedding mix, from the QKV GEMM's output);
 3. times each against its reference (FA2; torch.compile'd norm + RoPE) with triton.testing.do_bench
-   (median), including the whole QKV preparation as the model's compiled block would run it;
+   (median), and the whole step from the QKV output to attention's inputs as the model's compiled block
+   runs it: Inductor alone, Inductor around qk_norm_rope, and qkv_norm_rope_mix;
 
 and prints a table last. Every variant runs in its own try/except. Exit code 0 when nothing failed
 (FA4 or triton missing counts as skipped, with the reason printed), 1 when a check failed or raised.
@@ -270,7 +272,7 @@ def rope_inputs(tokens: int, heads: int, head_dim: int, dtype: torch.dtype, devi
     qkv, ve, gq, gk, gv = ((torch.randn(tokens, *shape, heads, head_dim, generator=g) * 2 + 0.3).to(device, dtype)
                            for shape in ((3,), (), (), (), ()))
     cos, sin = Rotary(head_dim, 10000.0).to(device)(tokens, dtype)
-    lambdas = torch.tensor([0.5, 0.5], device=device)
+    lambdas = torch.tensor([0.6, 0.45], device=device)  # not powers of two: the products round
     return {"qkv": qkv, "ve": ve, "gq": gq, "gk": gk, "gv": gv, "rope": (cos, sin), "lambdas": lambdas}
 
 
@@ -293,24 +295,49 @@ def pair_grads(fn: Callable, inp: dict, dtype: Optional[torch.dtype] = None) -> 
     return yq.detach(), yk.detach(), dq, dk
 
 
-def check_rope(table: Table, inp: dict, dtype: torch.dtype) -> None:
-    """The kernel (in `dtype`) against the same formula in fp32 on the same inputs: within one ulp
-    everywhere. The eager chain's errors are shown for scale (it rounds after each step)."""
-    section = f"rope {str(dtype).replace('torch.', '')}"
-    q = inp["qkv"][:, 0]
-    if not rope._use_triton(q):
-        table.add(section, "triton kernel", "skip", f"runs the eager formula here (triton: {rope._triton_error or 'CPU'})")
-        return
-    truth = pair_grads(eager_pair, inp, torch.float32)
-    got = pair_grads(rope.qk_norm_rope, inp)
-    eager = pair_grads(eager_pair, inp)
+def versus_fp32(table: Table, section: str, label: str, names: tuple[str, ...], got, eager, truth) -> None:
+    """A kernel's results (in the inputs' dtype) against the formula in fp32 on the same inputs: within
+    one ulp everywhere (the lambdas' gradient, an fp32 sum over T x d products: within 1e-3 relative).
+    The eager chain's errors are shown for scale (it rounds after each step)."""
     parts, passed = [], True
-    for name, g, e, t in zip(("yq", "yk", "dq", "dk"), got, eager, truth):
-        ok, rne = rope.within_one_ulp(g, t)
+    for name, g, e, t in zip(names, got, eager, truth):
+        if name == "dlambdas":
+            ok, rne = max_rel_error(g, t) <= 1e-3, float("nan")
+        else:
+            ok, rne = rope.within_one_ulp(g, t)
         passed &= ok
-        parts.append(f"{name} max {float((g.float() - t).abs().max()):.1e} (eager {float((e.float() - t).abs().max()):.1e})"
-                     f" RNE {rne:.3f}")
-    table.check(section, "triton kernel vs fp32 (1 ulp)", passed, ", ".join(parts))
+        err, eager_err = float((g.float() - t).abs().max()), float((e.float() - t).abs().max())
+        parts.append(f"{name} {err:.1e} (eager {eager_err:.1e}{'' if rne != rne else f', RNE {rne:.3f}'})")
+    table.check(section, label, passed, ", ".join(parts))
+
+
+def mix_grads(fn: Callable, inp: dict, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, ...]:
+    """q, k, v and the gradients of qkv, ve, lambdas of `fn(qkv, ve, lambdas, rope)`."""
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    leaves = [cast(inp[n]).detach().requires_grad_() for n in ("qkv", "ve")]
+    leaves.append(inp["lambdas"].detach().requires_grad_())
+    outs = fn(*leaves, tuple(cast(t) for t in inp["rope"]))
+    grads = torch.autograd.grad(outs, leaves, tuple(cast(inp[n]) for n in ("gq", "gk", "gv")))
+    return (*(o.detach() for o in outs), *grads)
+
+
+def eager_mix(qkv, ve, lambdas, tables):
+    return qkv_prep(eager_pair)(qkv, ve, lambdas, *tables)
+
+
+def check_rope(table: Table, inp: dict, dtype: torch.dtype) -> None:
+    """Both kernels (qk_norm_rope on the q, k views; qkv_norm_rope_mix on the QKV output) against fp32."""
+    section = f"rope {str(dtype).replace('torch.', '')}"
+    if not rope._use_triton(inp["qkv"]):
+        why = rope._triton_error or "no CUDA and no TRITON_INTERPRET=1"
+        table.add(section, "triton kernels", "skip", f"the eager formula runs here ({why})")
+        return
+    versus_fp32(table, section, "qk_norm_rope vs fp32 (1 ulp)", ("yq", "yk", "dq", "dk"),
+                pair_grads(rope.qk_norm_rope, inp), pair_grads(eager_pair, inp),
+                pair_grads(eager_pair, inp, torch.float32))
+    versus_fp32(table, section, "qkv_norm_rope_mix vs fp32 (1 ulp)", ("q", "k", "v", "dqkv", "dve", "dlambdas"),
+                mix_grads(rope.qkv_norm_rope_mix, inp), mix_grads(eager_mix, inp),
+                mix_grads(eager_mix, inp, torch.float32))
 
 
 def qkv_prep(rope_fn: Callable) -> Callable:
@@ -351,17 +378,21 @@ def time_rope(table: Table, inp: dict) -> None:
 
 
 def time_prep(table: Table, inp: dict) -> None:
-    leaves = [inp["qkv"], inp["ve"], inp["lambdas"]]
+    """Unbind + value mix + QK norm + RoPE, compiled as in the model's block: Inductor alone, Inductor
+    around qk_norm_rope (whose separate dq, dk Inductor must copy into the QKV gradient), and the fused
+    qkv_norm_rope_mix (which writes that gradient itself)."""
     base: dict[str, float] = {}
-    for name, fn in (("inductor", eager_pair), ("inductor + triton op", rope.qk_norm_rope)):
-        prep = torch.compile(qkv_prep(fn))
+    variants = (("inductor", eager_mix), ("inductor + qk_norm_rope", lambda a, b, c, t: qkv_prep(rope.qk_norm_rope)(
+        a, b, c, *t)), ("qkv_norm_rope_mix", rope.qkv_norm_rope_mix))
+    for name, fn in variants:
+        prep = torch.compile(fn)
 
         def run_one(prep=prep) -> str:
-            xs = [t.detach().requires_grad_() for t in leaves]
-            grads = (inp["gq"], inp["gk"], inp["gv"])
-            ms = timed_ms(lambda: torch.autograd.grad(prep(*xs, *inp["rope"]), xs, grads))
-            base.setdefault("ms", ms)
-            return f"fwd+bwd {ms:.3f} ms ({base['ms'] / ms:.2f}x)"
+            fwd = timed_ms(lambda: prep(inp["qkv"], inp["ve"], inp["lambdas"], inp["rope"]))
+            both = timed_ms(lambda: mix_grads(prep, inp))
+            base.setdefault("fwd", fwd)
+            base.setdefault("both", both)
+            return f"fwd {fwd:.3f} ms ({base['fwd'] / fwd:.2f}x), fwd+bwd {both:.3f} ms ({base['both'] / both:.2f}x)"
         table.attempt("time qkv prep (compiled block part)", name, run_one)
 
 

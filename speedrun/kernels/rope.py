@@ -1,23 +1,31 @@
-"""QK RMS-norm + half-split RoPE for q and k in one Triton kernel: `qk_norm_rope(q, k, rope)`.
+"""QK RMS-norm + half-split RoPE (and the value-embedding mix) as hand-written Triton kernels.
 
-Why: in the compiled block Inductor emits this as fused kernels, 11.7 ms of a 65,536-token step
-(NOTES item 9), while the memory-bound minimum is ~6 ms on an H200 (q and k are each 65,536 x 768 bf16
-= 100.7 MB per layer: the forward reads them and writes the results, 403 MB; the backward reads q, k
-and their output gradients and writes dq, dk, 604 MB; x 24 layers = 24.2 GB at ~4 TB/s). A
-hand-written kernel reads each row once, computes in fp32, and writes once, for both q and k in one
-launch, forward and backward; the op saves no activations (the backward re-reads q and k, which are
-views of the QKV GEMM's output that autograd keeps anyway).
+* `qk_norm_rope(q, k, rope)` -> (q, k): `apply_rotary(norm(x), rope)` for x = q and x = k, one launch;
+* `qkv_norm_rope_mix(qkv, ve, lambdas, rope)` -> (q, k, v): the whole step of Attention.forward from the
+  QKV GEMM's output (T, 3, H, D) to attention's inputs: q, k as above and v = l0 v + l1 ve.
 
-Semantics: exactly `apply_rotary(F.rms_norm(x, (D,)), (cos, sin))` of speedrun.model for x = q and
-x = k, with `cos, sin` the (T, 1, D/2) tables of `Rotary.forward` and torch's default eps. That default
-is the epsilon of the *computation* dtype: F.rms_norm on bf16/fp16 computes in fp32 and adds
-finfo(float32).eps (checked on torch 2.13 CPU, and in torch/_decomp `_fused_rms_norm`, which is what
-torch.compile runs), not finfo(bfloat16).eps = 2^-7. The kernel computes in fp32 and rounds once, so in
-bf16 it is at least as close to the fp32 result as the eager bf16 chain (which rounds after the norm
-and after each product).
+Why: Inductor runs this step as fused kernels, 11.7 ms of a 65,536-token step (NOTES item 9). Per layer
+and 65,536 x 768 bf16 tensor (100.7 MB, "a unit"), the minimum traffic is: forward, read q, k, v, ve and
+write q, k, v (7 units); backward, read dq, dk, dv, q, k, v, ve and write d qkv, d ve (11 units): 18 units
+= 1.81 GB, x 24 layers = 43.5 GB, ~10.9 ms at 4 TB/s. Inductor can reach that only if it fuses every
+part (norm, rotation, value mix, lambda sums, the stack of dq, dk, dv into the QKV gradient) in one
+kernel per direction; the kernels here do so by construction, in fp32 with one rounding.
+`qk_norm_rope` alone (the norm + RoPE part, 10 units) costs 4 units more per layer inside a compiled
+block: its dq, dk are separate tensors that Inductor then copies into the QKV gradient (read 2, write 2:
++9.7 GB per step, ~2.4 ms), so in the model `qkv_norm_rope_mix` is the one to use;
+`python -m speedrun.bench.kernels` times all three variants on the GPU. The ops save no activations:
+the backward re-reads the QKV output (which autograd keeps for the value-mix backward anyway).
 
-Dispatch inside the op: the Triton kernel on CUDA, and on the CPU under TRITON_INTERPRET=1 (tests);
-the eager formula everywhere else (CPU runs, machines without triton), so the op is always usable.
+Semantics: exactly speedrun.model's `apply_rotary(F.rms_norm(x, (D,)), (cos, sin))` and
+`lambdas[0] * v + lambdas[1] * ve`, with `cos, sin` the (T, 1, D/2) tables of `Rotary.forward` and
+torch's default eps. That default is the epsilon of the *computation* dtype: F.rms_norm on bf16/fp16
+computes in fp32 and adds finfo(float32).eps (checked on torch 2.13 CPU, and in torch/_decomp
+`_fused_rms_norm`, which is what torch.compile runs), not finfo(bfloat16).eps = 2^-7. The kernels compute
+in fp32 and round once, so in bf16 they are within one ulp of the fp32 result, at least as close as the
+eager bf16 chain (which rounds after the norm and after each product).
+
+Dispatch inside the ops: the Triton kernels on CUDA, and on the CPU under TRITON_INTERPRET=1 (tests);
+the eager formula everywhere else (CPU runs, machines without triton), so the ops are always usable.
 """
 from __future__ import annotations
 
@@ -149,6 +157,90 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, tor
     return torch.ops.speedrun.qk_norm_rope(q, k, cos, sin, default_eps(q.dtype) if eps is None else float(eps))
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# the whole step between the QKV GEMM and attention: unbind, value mix, QK norm + RoPE
+
+
+def mix_reference(qkv: torch.Tensor, ve: torch.Tensor, lambdas: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The eager formula of Attention.forward from the (T, 3, H, D) QKV output to attention's inputs."""
+    q, k, v = qkv.unbind(1)
+    v = lambdas[0] * v + lambdas[1] * ve
+    return reference(q, cos, sin, eps), reference(k, cos, sin, eps), v
+
+
+@torch.library.custom_op("speedrun::qkv_norm_rope_mix", mutates_args=())
+def _mix_fwd(qkv: torch.Tensor, ve: torch.Tensor, lambdas: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(qkv):
+        c, s = _tables(cos, sin, qkv.size(0), qkv.size(-1) // 2)
+        return triton_kernels().mix_forward(_rows_ok(qkv), ve.contiguous(), lambdas.contiguous(), c, s, eps)
+    return tuple(t.contiguous() for t in mix_reference(qkv, ve, lambdas, cos, sin, eps))
+
+
+@_mix_fwd.register_fake
+def _mix_fwd_fake(qkv, ve, lambdas, cos, sin, eps):
+    T, _, H, D = qkv.shape
+    return tuple(qkv.new_empty(T, H, D) for _ in range(3))
+
+
+@torch.library.custom_op("speedrun::qkv_norm_rope_mix_bwd", mutates_args=())
+def _mix_bwd(qkv: torch.Tensor, ve: torch.Tensor, lambdas: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor,
+             gv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d qkv (T, 3, H, D) contiguous, d ve, d lambdas)."""
+    if _use_triton(qkv):
+        c, s = _tables(cos, sin, qkv.size(0), qkv.size(-1) // 2)
+        return triton_kernels().mix_backward(_rows_ok(qkv), ve.contiguous(), lambdas.contiguous(), gq.contiguous(),
+                                             gk.contiguous(), gv.contiguous(), c, s, eps)
+    q, k, v = qkv.unbind(1)
+    dqkv = torch.stack((_reference_grad(q, gq, cos, sin, eps), _reference_grad(k, gk, cos, sin, eps),
+                        lambdas[0] * gv), dim=1)
+    g = gv.float()
+    dlam = torch.stack(((g * v.float()).sum(), (g * ve.float()).sum())).to(lambdas.dtype)
+    return dqkv, (lambdas[1] * gv).to(ve.dtype), dlam
+
+
+@_mix_bwd.register_fake
+def _mix_bwd_fake(qkv, ve, lambdas, gq, gk, gv, cos, sin, eps):
+    return qkv.new_empty(qkv.shape), ve.new_empty(ve.shape), lambdas.new_empty(lambdas.shape)
+
+
+def _mix_setup_context(ctx, inputs, output) -> None:
+    qkv, ve, lambdas, cos, sin, eps = inputs
+    ctx.save_for_backward(qkv, ve, lambdas, cos, sin)
+    ctx.eps = eps
+
+
+def _mix_backward(ctx, gq, gk, gv):
+    qkv, ve, lambdas, cos, sin = ctx.saved_tensors
+    gq, gk, gv = (torch.zeros_like(ve) if g is None else g for g in (gq, gk, gv))
+    dqkv, dve, dlam = torch.ops.speedrun.qkv_norm_rope_mix_bwd(qkv, ve, lambdas, gq, gk, gv, cos, sin, ctx.eps)
+    return dqkv, dve, dlam, None, None, None
+
+
+_mix_fwd.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+
+
+def qkv_norm_rope_mix(qkv: torch.Tensor, ve: torch.Tensor, lambdas: torch.Tensor,
+                      rope: tuple[torch.Tensor, torch.Tensor], eps: Optional[float] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) for attention from the QKV GEMM's output viewed as (T, 3, H, D): q and k as
+    `qk_norm_rope`, v = lambdas[0] v + lambdas[1] ve (the value-embedding mix, `ve` (T, H, D),
+    `lambdas` (2,)). Its backward writes dq, dk, dv straight into the gradient of `qkv` (no stack copy
+    of separate dq, dk) and sums the lambdas' gradient in the same pass. Differentiable in qkv, ve and
+    lambdas. Returns contiguous tensors."""
+    cos, sin = rope
+    T, three, H, D = qkv.shape if qkv.dim() == 4 else (0, 0, 0, 0)
+    if three != 3 or D % 2 or ve.shape != (T, H, D) or ve.dtype != qkv.dtype or lambdas.numel() != 2:
+        raise ValueError(f"qkv must be (T, 3, H, D) with an even D, ve (T, H, D) of its dtype and lambdas (2,); got "
+                         f"{tuple(qkv.shape)} {qkv.dtype}, {tuple(ve.shape)} {ve.dtype}, {tuple(lambdas.shape)}")
+    if cos.dtype != qkv.dtype or sin.dtype != qkv.dtype:
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+    return torch.ops.speedrun.qkv_norm_rope_mix(qkv, ve, lambdas, cos, sin,
+                                                default_eps(qkv.dtype) if eps is None else float(eps))
+
 def within_one_ulp(got: torch.Tensor, truth: torch.Tensor) -> tuple[bool, float]:
     """Whether `got` is within one unit in the last place of its dtype of the fp32 `truth` (plus 1e-5 of
     the tensor's scale, for fp32 reordering near zero), and the fraction equal to truth rounded to
@@ -159,4 +251,5 @@ def within_one_ulp(got: torch.Tensor, truth: torch.Tensor) -> tuple[bool, float]
     return ok, float((got == truth.to(got.dtype)).float().mean())
 
 
-__all__ = ["default_eps", "qk_norm_rope", "reference", "triton_kernels", "within_one_ulp"]
+__all__ = ["default_eps", "mix_reference", "qk_norm_rope", "qkv_norm_rope_mix", "reference", "triton_kernels",
+           "within_one_ulp"]
