@@ -83,13 +83,30 @@ def test_op_on_cpu_matches_the_reference_and_compiles_without_a_break(window):
     got = _grads(lambda *t: fa4.fa4_varlen(*t, cu, 32, window), q, k, v, dout)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    torch.library.opcheck(torch.ops.speedrun.fa4_varlen_fwd, (q, k, v, cu, 32, window, 0.25))
+    torch.library.opcheck(torch.ops.speedrun.fa4_varlen_fwd, (q, k, v, cu, 32, torch.tensor(window), 0.25))
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(lambda a, b, c: fa4.fa4_varlen(a * 1.0, b, c, cu, 32, window), backend=counter,
                              fullgraph=True)
     for a, b in zip(_grads(compiled, q, k, v, dout), got):
         torch.testing.assert_close(a, b)
     assert counter.frame_count == 1
+
+
+def test_a_window_tensor_changes_without_recompiling():
+    """The sliding window grows during training: as a 0-d CPU tensor it is an input, not a guard."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v, dout, cu = _packed()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda a, b, c, w: fa4.fa4_varlen(a, b, c, cu, 32, w), backend=counter, fullgraph=True)
+    for window in (3, 9, 31, 64):
+        got = _grads(lambda *t: compiled(*t, torch.tensor(window)), q, k, v, dout)
+        want = _grads(lambda *t: fa4.reference_varlen(*t, cu, window)[0], q, k, v, dout)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+    with pytest.raises(ValueError, match="on the CPU"):
+        fa4.fa4_varlen(q, k, v, cu, 32, torch.tensor([3, 4]))
 
 
 def _reference_interface(calls: list) -> types.SimpleNamespace:

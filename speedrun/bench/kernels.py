@@ -184,8 +184,8 @@ def check_attention(table: Table, inp: dict, window: int, fa4_ok: bool) -> None:
     detail = ", ".join(f"{n} {e:.2e} (<= {b:.2e})" for n, e, b in zip(names, err, bound))
     table.check(section, "FA4 vs fp32", finite and all(e <= b for e, b in zip(err, bound)),
                 detail + ("" if finite else "; NON-FINITE values"))
-    _, lse = torch.ops.speedrun.fa4_varlen_fwd(inp["q"], inp["k"], inp["v"], inp["cu"], inp["max_len"], window,
-                                               inp["q"].size(-1) ** -0.5)
+    _, lse = torch.ops.speedrun.fa4_varlen_fwd(inp["q"], inp["k"], inp["v"], inp["cu"], inp["max_len"],
+                                               torch.tensor(window), inp["q"].size(-1) ** -0.5)
     lse_err = float((lse - ref_lse.detach()).abs().max())
     table.check(section, "FA4 lse vs fp32", lse_err < 1e-2, f"max |diff| {lse_err:.2e} (natural log)")
 

@@ -14,7 +14,9 @@ token attends to the tokens of its own segment with |q - k| < window (`window=-1
 mask.py, 4.0.0b36: a score is masked when col >= row + 1 + right or col < row - left, with seqlen_q ==
 seqlen_k within a segment), so |q - k| < window is `window_size=(window - 1, window - 1)`. A window that
 cannot bind (window >= max_seqlen) is passed as no window: FA4 compiles one kernel per (window or not),
-the window's value is a run-time argument.
+the window's value is a run-time argument. The op takes the window as a 0-d CPU tensor, so a window
+that grows during training changes no guard of a compiled block (no recompiles, no device sync);
+`fa4_varlen` also takes a Python int (a compiled block then specialises on its value).
 
 Off CUDA the op computes the fp32 per-segment reference (`reference_varlen`), so the op's fake,
 autograd and compile registrations are testable on the CPU. On CUDA it runs FA4 only; when FA4 cannot
@@ -186,11 +188,12 @@ def _on_fa4(t: torch.Tensor) -> bool:
 
 @torch.library.custom_op("speedrun::fa4_varlen_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-         window: int, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (T, H, Dv) in q's dtype, lse (H, T) fp32)."""
-    left, right = window_bounds(window, max_seqlen)
+         window: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (T, H, Dv) in q's dtype, lse (H, T) fp32); `window`: a 0-d CPU integer tensor."""
+    w = int(window)
+    left, right = window_bounds(w, max_seqlen)
     if not _on_fa4(q):
-        out, lse = reference_varlen(q, k, v, cu_seqlens, window, softmax_scale)
+        out, lse = reference_varlen(q, k, v, cu_seqlens, w, softmax_scale)
         return out.to(q.dtype), lse
     iface = _fa4()
     try:
@@ -212,12 +215,13 @@ def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, window, softmax_scale):
 
 @torch.library.custom_op("speedrun::fa4_varlen_bwd", mutates_args=())
 def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-         lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, window: int,
+         lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, window: torch.Tensor,
          softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the inputs' dtype."""
-    left, right = window_bounds(window, max_seqlen)
+    w = int(window)
+    left, right = window_bounds(w, max_seqlen)
     if not _on_fa4(q):
-        grads = reference_varlen_grads(dout, q, k, v, cu_seqlens, window, softmax_scale)
+        grads = reference_varlen_grads(dout, q, k, v, cu_seqlens, w, softmax_scale)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     iface = _fa4()
     try:
@@ -238,17 +242,17 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window, softmax_s
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_seqlens, max_seqlen, window, softmax_scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.window, ctx.softmax_scale = max_seqlen, window, softmax_scale
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, window)
+    ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, window = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.speedrun.fa4_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens,
-                                                   ctx.max_seqlen, ctx.window, ctx.softmax_scale)
+                                                   ctx.max_seqlen, window, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -256,20 +260,26 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fa4_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-               window: int = -1, softmax_scale: Optional[float] = None) -> torch.Tensor:
+               window: int | torch.Tensor = -1, softmax_scale: Optional[float] = None) -> torch.Tensor:
     """Attention over the packed segments of q, k, v (T, H, D) -> (T, H, Dv), non-causal, each token
-    attending to its own segment within |q - k| < window (-1: no window). `cu_seqlens`: int32
-    cumulative offsets; `max_seqlen`: a bound on every segment's length (rows of a longer segment are
-    not computed). Differentiable in q, k, v. Raises FA4Unavailable on CUDA when FA4 cannot run."""
+    attending to its own segment within |q - k| < window (-1: no window; an int, or a 0-d CPU tensor
+    that a compiled caller does not specialise on). `cu_seqlens`: int32 cumulative offsets;
+    `max_seqlen`: a bound on every segment's length (rows of a longer segment are not computed).
+    Differentiable in q, k, v. Raises FA4Unavailable on CUDA when FA4 cannot run."""
     if q.dim() != 3 or k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"q, k, v must be (T, H, D) with equal T and H, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if not isinstance(window, torch.Tensor):
+        window = torch.tensor(int(window))
+    elif window.device.type != "cpu" or window.numel() != 1:
+        raise ValueError(f"a window tensor must hold one value on the CPU (it is read on the host), got "
+                         f"{tuple(window.shape)} on {window.device}")
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return torch.ops.speedrun.fa4_varlen_fwd(q, k, v, cu_seqlens.contiguous(), int(max_seqlen), int(window),
-                                             scale)[0]
+    return torch.ops.speedrun.fa4_varlen_fwd(q, k, v, cu_seqlens.contiguous(), int(max_seqlen),
+                                             window.reshape(()).long(), scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
