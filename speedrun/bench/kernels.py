@@ -202,19 +202,27 @@ def check_padding(table: Table, inp: dict) -> None:
                 f"{int(pads.sum())} padding tokens; documents {'unchanged' if same else 'CHANGED'}")
 
 
-def check_compiled(table: Table, inp: dict) -> None:
-    """fa4_varlen inside torch.compile(fullgraph=True): no graph break, same output and gradients."""
+def check_compiled(table: Table, inp: dict, window: int) -> None:
+    """fa4_varlen inside torch.compile(fullgraph=True): no graph break, the eager output and gradients,
+    and one graph for every window (the window is a 0-d CPU tensor input)."""
+    import torch._dynamo.utils as dynamo_utils
+
     torch._dynamo.reset()
 
-    def block(q, k, v):
-        return fa4_attn(q * 1.0, k, v, inp["cu"], inp["max_len"]) * 2.0
+    def block(q, k, v, w):
+        return fa4_attn(q * 1.0, k, v, inp["cu"], inp["max_len"], w) * 2.0
 
     compiled = torch.compile(block, fullgraph=True)
-    eager = forward_backward(lambda q, k, v, cu, m, w: block(q, k, v), inp, -1)
-    got = forward_backward(lambda q, k, v, cu, m, w: compiled(q, k, v), inp, -1)
-    err = max(max_rel_error(a, b) for a, b in zip(got, eager))  # dq accumulates atomically: not bitwise
-    table.check("attention", "FA4 under torch.compile(fullgraph)", err < 1e-2,
-                f"max relative |compiled - eager| {err:.1e} over out, dq, dk, dv")
+    err = 0.0
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    for w in (-1, window, window // 2):
+        eager = forward_backward(lambda q, k, v, cu, m, _: block(q, k, v, torch.tensor(w)), inp, w)
+        got = forward_backward(lambda q, k, v, cu, m, _: compiled(q, k, v, torch.tensor(w)), inp, w)
+        err = max(err, *(max_rel_error(a, b) for a, b in zip(got, eager)))  # dq sums atomically: not bitwise
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"] - graphs
+    table.check("attention", "FA4 under torch.compile(fullgraph)", err < 1e-2 and graphs == 1,
+                f"max relative |compiled - eager| {err:.1e} over out, dq, dk, dv; {graphs} graph(s) for windows "
+                f"-1, {window}, {window // 2}")
 
 
 def run_attention_checks(table: Table, doc: torch.Tensor, args, device: torch.device) -> bool:
@@ -231,7 +239,7 @@ def run_attention_checks(table: Table, doc: torch.Tensor, args, device: torch.de
         table.attempt("attention", f"checks, window {window}", lambda: check_attention(table, inp, window, ok))
     if ok:
         table.attempt("attention", "padding", lambda: check_padding(table, inp))
-        table.attempt("attention", "compile", lambda: check_compiled(table, inp))
+        table.attempt("attention", "compile", lambda: check_compiled(table, inp, args.window))
     return ok
 
 
