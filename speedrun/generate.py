@@ -33,6 +33,7 @@ top-k, top-p or remasking are: a fixed seed gives the same samples, and top_k=1 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import re
@@ -55,6 +56,9 @@ MASK_MARKS = "_#"
 USAGE = __doc__.split("\n\n")[1]
 
 
+MAX_LENGTH_FACTOR = 4  # generated sequences may be at most this many times the training crop
+
+
 class GenerateError(SpeedrunError):
     """A generation request that cannot run. The message is one line and names the fix."""
 
@@ -75,6 +79,7 @@ class GenerateConfig:
     device: str = "auto"  # auto | cpu | cuda
     batch: int = 64  # sequences per forward
     window: int = 0  # attention window; 0 = the run's final training window
+    overwrite: bool = False  # replace an existing out= file (never one of the inputs)
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -326,6 +331,10 @@ def generate(run_dir: str | os.PathLike, g: GenerateConfig, trace: Optional[list
     if _is_rows_model(model) and longest > max_length:
         raise GenerateError(f"a sequence of {longest - 2} residues needs {longest} positions but the Patch-UNet's "
                             f"rows hold data.max_length={max_length}: use length<={max_length - 2}")
+    if longest > MAX_LENGTH_FACTOR * max_length:
+        raise GenerateError(f"a sequence of {longest - 2} residues is more than {MAX_LENGTH_FACTOR}x the run's "
+                            f"data.max_length={max_length}: the model never saw such lengths (and attention over it "
+                            f"needs O(length^2) memory); use length<={MAX_LENGTH_FACTOR * max_length - 2}")
     if longest > max_length:
         print(f"warning: {longest} tokens is longer than the run's data.max_length={max_length} "
               "(the model never saw such lengths)", file=sys.stderr)
@@ -395,12 +404,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if argv else 2
     try:
         run_dir, g = parse_args(argv)
+        if g.out:  # refused before sampling: an existing file (unless overwrite=true), and never an input
+            from .fsutil import claim_output_file
+
+            infill = [g.infill] if g.infill and Path(g.infill).exists() else []
+            claim_output_file(g.out, g.overwrite, inputs=infill)
         info: dict = {}
         records = generate(run_dir, g, info=info)
         if g.out:
+            from .fsutil import atomic_write
+
+            buf = io.StringIO()
+            write_fasta(records, g, info["steps"], buf)
             Path(g.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(g.out, "w") as f:
-                write_fasta(records, g, info["steps"], f)
+            atomic_write(g.out, buf.getvalue())
             print(f"wrote {len(records)} sequence(s) to {g.out} ({info['steps']} steps, {info['checkpoint']})",
                   file=sys.stderr)
         else:

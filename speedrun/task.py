@@ -14,6 +14,7 @@ Under torchrun all ranks share rank 0's run directory.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -34,10 +35,15 @@ REPRODUCE_HEADER = """\
 """
 
 
-def write_reproduce(run_dir: Path, cfg_dict: dict) -> None:
+def write_reproduce(run_dir: Path, cfg_dict: dict, replace: bool = False) -> None:
+    """reproduce.yaml, written once; `replace` (resume=must continuing with another config) keeps the
+    earlier file as reproduce.prev-N.yaml and describes the config the run now continues with."""
     path = run_dir / "reproduce.yaml"
-    if path.exists():
+    if path.exists() and not replace:
         return
+    if path.exists():
+        n = 1 + len(list(run_dir.glob("reproduce.prev-*.yaml")))
+        os.replace(path, run_dir / f"reproduce.prev-{n}.yaml")
     body = {"defaults": ["schema", "_self_"], **cfg_dict,
             "hydra": {"run": {"dir": f"outputs/runs/{cfg_dict['name']}-repro/${{now:%Y-%m-%d_%H-%M-%S_%f}}"},
                       "job": {"chdir": False}}}
@@ -112,16 +118,18 @@ def failed_runs() -> list[str]:
     return list(_FAILED_RUNS)
 
 
-def _fail(msg: str, multirun: bool, run_dir: Path | None = None, submitit: bool = False) -> None:
+def _fail(msg: str, multirun: bool, run_dir: Path | None = None, submitit: bool = False,
+          owned: bool = True) -> None:
     """One line on stderr. A single run exits with code 2. In a multirun the job is marked failed in its
-    summary.json (so the sweep report shows why); then, per failure_action, a submitit job exits non-zero
-    (the scheduler sees the failure) and a local sweep goes on with the other jobs."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    summary.json (so the sweep report shows why) — only in a folder that is this job's (`owned`), never in
+    another run's; then, per failure_action, a submitit job exits non-zero (the scheduler sees the
+    failure) and a local sweep goes on with the other jobs."""
+    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
     action = failure_action("failed", multirun=multirun, submitit=submitit)
     if action == "exit":
         _cleanup_dist()
         sys.exit(2)
-    if run_dir is not None and _global_rank() == 0:
+    if run_dir is not None and owned and _global_rank() == 0:
         from .rundir import CheckpointError, read_json, write_json
 
         path = run_dir / "summary.json"
@@ -196,6 +204,61 @@ def _share_run_dir(typed, run_dir: Path, hc) -> Path:
     return shared
 
 
+def sweep_job_dir(index_dir: Path, typed) -> Path:
+    """A sweep job's folder, matched by the run's identity (run.json), not by the job's number: the
+    folder that holds this job's run, else its numbered folder when that holds no run, else a new folder
+    beside it (`<num>-<signature>`). A re-issued sweep with its values in another order so finds each
+    finished run where it is and never writes into another job's."""
+    from .config import signature
+    from .rundir import holds_a_run, read_json
+
+    sig = signature(typed)
+    for d in sorted(p for p in index_dir.parent.iterdir() if p.is_dir()):
+        stored = read_json(d / "run.json").get("config")
+        if isinstance(stored, dict) and signature(stored) == sig:
+            return d
+    return index_dir if not holds_a_run(index_dir) else index_dir.parent / f"{index_dir.name}-{sig[:8]}"
+
+
+def write_hydra_files(run_dir: Path, cfg: DictConfig, hc) -> None:
+    """Hydra's .hydra/{config,hydra,overrides}.yaml, written once into the run's own folder (Hydra itself
+    writes none: hydra.output_subdir is null, see conf/config.yaml)."""
+    sub = run_dir / ".hydra"
+    if sub.exists():
+        return
+    sub.mkdir(parents=True)
+    task = OmegaConf.create({k: cfg[k] for k in cfg if k != "hydra"}) if "hydra" in cfg else cfg
+    OmegaConf.save(task, sub / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)}), sub / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), sub / "overrides.yaml")
+
+
+def _place(cfg: DictConfig, hc, multirun: bool, submitit: bool):
+    """(typed config, run directory) or None after a one-line failure."""
+    index_dir = Path(hc.runtime.output_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        typed = from_container(cfg)
+    except ConfigError as exc:
+        from .rundir import holds_a_run
+
+        return _fail(str(exc), multirun, index_dir, submitit, owned=not holds_a_run(index_dir))
+    run_dir = index_dir
+    if multirun and _global_rank() == 0 and not typed.dry_run:
+        run_dir = sweep_job_dir(index_dir, typed)
+        if run_dir != index_dir:
+            print(f"{index_dir} holds another run: this job's run is {run_dir}", flush=True)
+            with contextlib.suppress(OSError):
+                index_dir.rmdir()  # nothing of this job is there
+    if _torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        run_dir = _share_run_dir(typed, run_dir, hc)
+    try:  # an impossible batch stops here, before any rank is spawned or any data is read
+        batch_geometry(typed, _world_size(typed, hc))
+    except ConfigError as exc:
+        return _fail(str(exc), multirun, run_dir, submitit)
+    return typed, run_dir
+
+
 def run_task(cfg: DictConfig):
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -205,36 +268,29 @@ def run_task(cfg: DictConfig):
 
         atexit.register(_exit_code_at_exit)
         _EXIT_HOOK.append(True)
-    run_dir = Path(hc.runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        typed = from_container(cfg)
-    except ConfigError as exc:
-        return _fail(str(exc), multirun, run_dir, submitit)
-    if _torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-        run_dir = _share_run_dir(typed, run_dir, hc)
-    try:  # an impossible batch stops here, before any rank is spawned or any data is read
-        batch_geometry(typed, _world_size(typed, hc))
-    except ConfigError as exc:
-        return _fail(str(exc), multirun, run_dir, submitit)
+    placed = _place(cfg, hc, multirun, submitit)
+    if placed is None:
+        return None
+    typed, run_dir = placed
 
-    from .checkpoint import CheckpointError
-    from .data.shards import DataError
     from .dist import RankFailed, one_line
-    from .probe import ProbeDataError, ProbeError
-    from .train import RunFailed, run
+    from .errors import SpeedrunError
+    from .train import run
 
-    if _global_rank() == 0:
-        write_reproduce(run_dir, to_dict(typed))
+    if _global_rank() == 0 and not typed.dry_run:
+        write_hydra_files(run_dir, cfg, hc)
+        write_reproduce(run_dir, to_dict(typed), replace=typed.resume == "must" and _config_changed(run_dir, typed))
     try:
         summary = run(typed, run_dir)
     except RankFailed as exc:  # a spawned rank: one line here, its traceback in the run directory's log
-        log = run_dir / f"{hc.job.name}.log"  # Hydra's job log (launch.log)
+        log = run_dir / f"{hc.job.name}.log"
         with open(log, "a") as f:
             f.write(f"{exc}\n{exc.details}\n")
         return _fail(f"{exc} (traceback in {log})", multirun, run_dir, submitit)
-    except (ConfigError, DataError, CheckpointError, RunFailed, ProbeError, ProbeDataError) as exc:
-        return _fail(str(exc), multirun, run_dir, submitit)
+    except SpeedrunError as exc:
+        from .errors import FolderError
+
+        return _fail(str(exc), multirun, run_dir, submitit, owned=not isinstance(exc, FolderError))
     except Exception as exc:  # unexpected: a single run reports it as Hydra does; a sweep job must fail visibly
         if not multirun:
             raise
@@ -246,6 +302,14 @@ def run_task(cfg: DictConfig):
                 "train_seconds")
         print("summary: " + ", ".join(f"{k}={_fmt(summary.get(k))}" for k in keys if k in summary), flush=True)
     return summary.get("val_loss") if summary else None
+
+
+def _config_changed(run_dir: Path, typed) -> bool:
+    from .config import signature
+    from .rundir import read_json
+
+    stored = read_json(run_dir / "run.json").get("config")
+    return isinstance(stored, dict) and signature(stored) != signature(typed)
 
 
 def _fmt(v):
