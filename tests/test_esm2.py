@@ -133,8 +133,11 @@ def test_hf_state_dict_and_config_load_back_into_transformers(hf_folder, tmp_pat
     save_file(hf_state_dict(model), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text(json.dumps(hf_config(model.cfg, max_length=256)))
     back, info = transformers.EsmForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    # what transformers initialises itself: the contact head (ESM2 has none) and, in 4.x, the absolute
+    # position table that rotary models build but never use
     assert not info["unexpected_keys"] and set(info["missing_keys"]) <= {
-        "esm.contact_head.regression.weight", "esm.contact_head.regression.bias"}
+        "esm.contact_head.regression.weight", "esm.contact_head.regression.bias",
+        "esm.embeddings.position_embeddings.weight"}
     docs = documents(True)
     assert max_diff(their_logits(back.eval(), docs), their_logits(hf_model, docs)) == 0.0
 
@@ -184,3 +187,20 @@ def test_parameter_groups_and_a_training_step():
     with torch.no_grad():
         h = model(ids, doc_ids, 256, dtype=torch.bfloat16)
     assert h.dtype == torch.bfloat16 and model.logits(h).dtype == torch.float32
+
+
+def test_speedrun_embed_gives_transformers_hidden_states(hf_folder):
+    """speedrun.embed on ESM2: layer 0 is the embedding output, layer k the k-th block's (transformers'
+    hidden_states[k] below the last, which transformers gives after the final LayerNorm)."""
+    from speedrun.embed import embed
+    from speedrun.vocab import encode
+
+    folder, hf_model = hf_folder
+    model, _ = open_hf_folder(folder)
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "MSDNE"]
+    ours = embed(model, seqs, layer=[0, 1], pool="none", max_length=256)
+    for i, seq in enumerate(seqs):
+        with torch.no_grad():
+            states = hf_model(torch.from_numpy(encode(seq)).long()[None], output_hidden_states=True).hidden_states
+        for layer in (0, 1):
+            assert (ours[layer][i] - states[layer][0, 1:-1]).abs().max().item() <= TOL

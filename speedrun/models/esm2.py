@@ -237,8 +237,10 @@ _TOP_KEYS = {"embed.weight": "esm.embeddings.word_embeddings.weight",
              "lm_head.dense.weight": "lm_head.dense.weight", "lm_head.dense.bias": "lm_head.dense.bias",
              "lm_head.norm.weight": "lm_head.layer_norm.weight", "lm_head.norm.bias": "lm_head.layer_norm.bias",
              "lm_head.bias": "lm_head.bias"}
-# in a folder but not in our model: rotary tables (recomputed), the contact head, the decoder (tied)
-_IGNORED = re.compile(r"inv_freq$|position_ids$|^esm\.contact_head\.|^esm\.pooler\.|^lm_head\.decoder\.weight$")
+# in a folder but not in our model: rotary tables (recomputed), the absolute position table transformers 4.x
+# builds (and ESM-2 checkpoints carry) but rotary models never use, the contact head, the decoder (tied)
+_IGNORED = re.compile(r"inv_freq$|position_ids$|^esm\.embeddings\.position_embeddings\.weight$|^esm\.contact_head\."
+                      r"|^esm\.pooler\.|^lm_head\.decoder\.weight$")
 
 
 def key_map(n_layers: int) -> dict[str, str]:
@@ -376,7 +378,8 @@ def hf_state_dict(model: ESM2) -> dict[str, torch.Tensor]:
     """The model's weights under transformers' EsmForMaskedLM names (CPU, contiguous). The decoder is
     tied (transformers re-ties it); each layer's rotary inv_freq is included as ESM-2's published
     checkpoints have it (transformers 4.x reads it per layer, 5.x folds it into one table); the contact
-    head, which this model has not got, is left out (transformers initialises it and says so)."""
+    head, which this model has not got, is left out, as is the absolute position table transformers 4.x
+    builds for rotary models too and never uses (transformers initialises both and says so)."""
     params = dict(model.named_parameters())
     out = {theirs: params[ours].detach().float().cpu().contiguous()
            for ours, theirs in key_map(model.cfg.n_layers).items()}
