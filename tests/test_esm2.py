@@ -112,6 +112,23 @@ def test_load_hf_weights_into_a_configured_model(hf_folder):
     assert max_diff(our_logits(model.eval(), docs), their_logits(hf_model, docs)) <= TOL
 
 
+def test_pytorch_model_bin_and_what_is_not_esm2(hf_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from speedrun.models.load import ModelLoadError
+
+    folder, hf_model = hf_folder
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save(load_file(str(folder / "model.safetensors")), tmp_path / "pytorch_model.bin")
+    model, _ = open_hf_folder(tmp_path)  # read with torch.load(weights_only=True)
+    docs = documents(True)
+    assert max_diff(our_logits(model.eval(), docs), their_logits(hf_model, docs)) <= TOL
+    (tmp_path / "config.json").write_text(json.dumps({**config, "position_embedding_type": "absolute"}))
+    with pytest.raises(ModelLoadError, match="only ESM-2"):
+        open_hf_folder(tmp_path)
+
+
 def test_load_hf_weights_refuses_other_dims_naming_the_preset(tmp_path):
     config = {**hf_config(make("model", arch="esm2", dim=480, n_layers=12, n_heads=20))}
     (tmp_path / "config.json").write_text(json.dumps(config))
