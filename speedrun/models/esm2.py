@@ -1,9 +1,9 @@
 """ESM-2 (Lin et al. 2023) as a model of this trainer, and the bridge to Hugging Face's EsmForMaskedLM.
 
 Why here: ESM-2 is the baseline every protein LM is compared with. As `model.arch=esm2` it trains with
-our data, objectives and optimizers on packed streams, starts from published weights (`init_from=
-facebook/esm2_t6_8M_UR50D`), and exports as a native EsmForMaskedLM folder that transformers loads
-without remote code. The math is transformers' `modeling_esm.py`, term for term:
+our data, objectives and optimizers on packed streams, can start from the published weights
+(`load_hf_weights`, for `init_from=facebook/esm2_t6_8M_UR50D`), and exports as a native EsmForMaskedLM
+folder that transformers loads without remote code. The math is transformers' `modeling_esm.py`, term for term:
 
 * word embeddings (`<pad>` row zero, padding_idx); token dropout as ESM does it: `<mask>` embeddings
   zeroed, then every embedding scaled by (1 - 0.15·0.8) / (1 - observed mask ratio), the ratio counted
