@@ -6,16 +6,22 @@
     model = speedrun.load(DIR | RUN_DIR | CHECKPOINT_DIR | "owner/name")   # speedrun.models.open_model
     model.embed(["MKTAYIAK..."], layer=-1, pool="mean")                   # speedrun.embed.embed
 
-The export folder holds no code of ours that speedrun needs:
+The export folder is one that both speedrun and the Hugging Face world load (speedrun/hf/):
 
-* `config.json` — `{"format": "speedrun-plm", "format_version": 1, "model": <model config>, "vocab": [...],
-  "max_length", "window", "n_params", "step", "tokens", "run": {...}, "training": <RunConfig>,
-  "metrics": {...}}`. Only `model` is needed to rebuild the network; the rest is provenance.
-* `model.safetensors` — the weights of the run's newest checkpoint that verifies (safetensors handles
-  tied embeddings).
+* `config.json` — the export record `{"format": "speedrun-plm", "format_version": 1, "model": <model
+  config>, "vocab": [...], "max_length", "window", "n_params", "step", "tokens", "run": {...},
+  "training": <RunConfig>, "metrics": {...}}` plus what transformers needs (`model_type`, `auto_map`,
+  sizes, token ids). Only `model` is needed to rebuild the network; the rest is provenance.
+* `model.safetensors` — the weights of the run's newest checkpoint that verifies.
+* `configuration_speedrun_plm.py`, `modeling_speedrun_plm.py` — a self-contained torch implementation,
+  so `AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)` and `AutoModel` work; the
+  tokenizer files make `AutoTokenizer.from_pretrained(DIR)` the ESM 33-token vocabulary.
+* For an ESM-2 run (model=esm2_*): a native `EsmForMaskedLM` folder instead (no remote code), with the
+  export record under `speedrun` in config.json.
 * `README.md` — a model card: recipe, data, parameters, validation metrics and training time.
 
-Loading never executes code from the folder: `speedrun.load` reads JSON and safetensors only. The
+Loading with speedrun never executes code from the folder: `speedrun.load` reads JSON and safetensors
+only (the .py files are for transformers' trust_remote_code, which is the user's choice). The
 output folder must be empty or hold an earlier export of this tool: `--overwrite` replaces only the files
 export wrote (speedrun.fsutil.claim_output), never a file you put there.
 
@@ -93,18 +99,16 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, license: str =
             "run": {"name": cfg.get("name"), "checkpoint": ck.name, "status": summary.get("status"),
                     "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty")},
             "training": cfg, "metrics": _metrics(summary)}
+    from .hf import write_esm2_export, write_remote_code_export
+
     manifest = claim_output(out, TOOL, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    writer = write_esm2_export if model.cfg.arch == "esm2" else write_remote_code_export
     manifest.record(FILES)
-    tmp = out / f".model.safetensors.tmp-{os.getpid()}"
-    try:
-        with torch.no_grad():
-            save_model(model, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
-    atomic_write(out / "config.json", json.dumps(meta, indent=2) + "\n")
+    with torch.no_grad():
+        files = writer(out, model, meta)  # config.json, model.safetensors and the Hugging Face files
     atomic_write(out / "README.md", model_card(meta, summary, license=license))
+    manifest.record([*files, "README.md"])
     return out
 
 
@@ -198,7 +202,17 @@ def model_card(meta: dict, summary: dict, *, license: str = "mit") -> str:
         "",
         "## Usage",
         "",
-        "Loading needs the `speedrun-plm` package (no remote code is executed):",
+        "With `transformers` (the modeling file in this folder is a self-contained torch implementation):",
+        "",
+        "```python",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+        "",
+        "tok = AutoTokenizer.from_pretrained(\"<this repo id or folder>\", trust_remote_code=True)",
+        "model = AutoModelForMaskedLM.from_pretrained(\"<this repo id or folder>\", trust_remote_code=True)",
+        "logits = model(**tok([\"MKTAYIAKQRQISFVKSHFSRQ\"], return_tensors=\"pt\")).logits",
+        "```",
+        "",
+        "With the `speedrun-plm` package (no code from the folder is executed):",
         "",
         "```python",
         "import speedrun",

@@ -221,3 +221,52 @@ def test_speedrun_embed_gives_transformers_hidden_states(hf_folder):
             states = hf_model(torch.from_numpy(encode(seq)).long()[None], output_hidden_states=True).hidden_states
         for layer in (0, 1):
             assert (ours[layer][i] - states[layer][0, 1:-1]).abs().max().item() <= TOL
+
+
+# ---- through the trainer: init_from, training, export back to EsmForMaskedLM (issue 19's bar) ----------
+def _esm_run_cfg(folder, *extra):
+    from conftest import typed
+
+    return typed(["model=esm2_8m", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
+                  f"init_from={folder}", "hardware.micro_batch_tokens=1024", "data.max_length=256",
+                  "train.window_start=256", "eval.every_steps=0", "eval.max_tokens=3000", *extra])
+
+
+def test_init_from_an_esm_folder_trains_and_exports_a_native_esm(hf_folder, tmp_path):
+    transformers = pytest.importorskip("transformers", reason=NEEDS_HF)
+    from speedrun.export import export
+    from speedrun.models import build_model
+    from speedrun.models.load import init_from
+    from speedrun.train import run
+
+    folder, hf_model = hf_folder
+    cfg = _esm_run_cfg(folder, "train.max_steps=3", "optimizer=adamw", "optimizer.lr=1e-4")
+    fresh = build_model(cfg.model)
+    init_from(fresh, str(folder))  # before training: our forward is theirs
+    docs = documents(masked=True)
+    for ours, theirs in zip(our_logits(fresh.eval(), docs), their_logits(hf_model, docs)):
+        assert (ours - theirs).abs().max() <= TOL
+    summary = run(cfg, tmp_path / "run")
+    assert summary["status"] == "done" and summary["n_params"] == fresh.num_params()
+    out = export(tmp_path / "run", tmp_path / "export")
+    assert not (out / "modeling_speedrun_plm.py").exists()  # native: no remote code
+    back = transformers.EsmForMaskedLM.from_pretrained(out).eval()
+    import speedrun
+
+    mine = speedrun.load(out)
+    for ours, theirs in zip(our_logits(mine, docs), their_logits(back, docs)):
+        assert (ours - theirs).abs().max() <= TOL
+    trained = our_logits(mine, docs)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(trained, their_logits(hf_model, docs)))  # it trained
+
+
+def test_init_from_a_folder_of_another_size_names_the_preset(hf_folder):
+    from conftest import typed
+    from speedrun.models import build_model
+    from speedrun.models.load import init_from
+
+    folder, _ = hf_folder
+    model = build_model(typed(["model=esm2_8m"]).model)  # 320 wide: the folder is 64 wide
+    with pytest.raises(ConfigError) as err:
+        init_from(model, str(folder))
+    assert "\n" not in str(err.value)

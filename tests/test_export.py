@@ -66,8 +66,8 @@ def test_export_writes_config_weights_and_card(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     out = export(trained, tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "README.md", "config.json", "model.safetensors"]
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert {"README.md", "config.json", "model.safetensors", "modeling_speedrun_plm.py", "vocab.txt"} <= set(names)
     meta = json.loads((out / "config.json").read_text())
     summary = json.loads((trained / "summary.json").read_text())
     assert meta["format"] == "speedrun-plm" and meta["model"]["dim"] == 64 and len(meta["vocab"]) == 33
@@ -76,7 +76,7 @@ def test_export_writes_config_weights_and_card(trained, tmp_path, monkeypatch):
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: speedrun-plm" in card
     assert f"{summary['n_params']:,}" in card and f"{summary['val_loss']:.4f}" in card
-    assert "Swiss-Prot" in card and "train time" in card and "trust_remote_code" not in card
+    assert "Swiss-Prot" in card and "train time" in card and "AutoModelForMaskedLM" in card
     for p in out.iterdir():
         assert SECRET.encode() not in p.read_bytes()
 
@@ -150,7 +150,8 @@ def test_push_uses_the_env_token_and_hub_loading_uses_snapshot_download(trained,
     assert main([str(trained), "--out", str(out), "--push", "someone/tiny-plm"]) == 0
     assert calls[0] == ("init", SECRET)
     assert calls[1][0] == "create_repo" and calls[1][1] == "someone/tiny-plm" and calls[1][2]["exist_ok"] is True
-    assert calls[2] == ("upload_folder", "someone/tiny-plm", ["README.md", "config.json", "model.safetensors"])
+    assert calls[2][:2] == ("upload_folder", "someone/tiny-plm")
+    assert {"README.md", "config.json", "model.safetensors", "modeling_speedrun_plm.py"} <= set(calls[2][2])
     for p in list(out.iterdir()) + list((hub / "someone/tiny-plm").iterdir()):
         assert SECRET.encode() not in p.read_bytes()
     model = speedrun.load("someone/tiny-plm")

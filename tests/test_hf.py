@@ -196,3 +196,35 @@ def test_the_template_is_self_contained_and_nothing_imports_transformers():
     code = ("import sys, speedrun.hf, speedrun.models.esm2, speedrun.models.load; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_quick_start_run_exports_to_transformers_with_equal_logits(transformers, tmp_path):
+    """The issue's bar: `python -m speedrun.export RUN --out DIR` of a quick-start-like run (unet_tiny on
+    the embedded sample) loads with AutoModelForMaskedLM(trust_remote_code=True), logits equal speedrun.load's."""
+    import subprocess
+    import sys
+
+    import speedrun
+    from conftest import ROOT, TINY, typed
+    from speedrun.train import run
+
+    run_dir = tmp_path / "run"
+    assert run(typed(TINY + ["train.max_steps=3"]), run_dir)["status"] == "done"
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "speedrun.export", str(run_dir), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
+    ours = speedrun.load(out)
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "MSEQNNTEMTFQIQRIYTKDISFEAPNAPHVFQKDW"]
+    enc = tok(seqs, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        theirs = hf(**enc).logits
+    window = ours.meta["window"]  # the export's final training window (256 here), which the HF side uses too
+    for i in range(len(seqs)):
+        n = int(enc["attention_mask"][i].sum())
+        ids = enc["input_ids"][i, :n]
+        with torch.no_grad():
+            mine = ours.logits(ours(ids, torch.zeros(n, dtype=torch.int32), window))
+        assert (mine - theirs[i, :n]).abs().max() <= 1e-5
