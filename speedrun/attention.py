@@ -9,22 +9,30 @@ Segments are the runs of `doc_ids` (one id per token): documents 0, 1, 2... and 
 the kernel's bound on the varlen path) — so padding never influences a real token and no row is ever
 fully masked (no NaNs).
 
-* **varlen** — FlashAttention's variable-length kernel (`torch.nn.attention.varlen.varlen_attn`)
-  with cumulative segment offsets: exact work (sum of L_i^2), no block padding. Used on CUDA when the
-  window cannot bind (every document is at most `data.max_length` <= window tokens long), which is the
-  reference recipe's case (max length 1024, window 1024). Offsets have a fixed size (at most
-  `packing.max_docs` documents per micro-batch, enforced by the loader, then the padding in pieces of
-  at most the bound) so shapes stay static.
+* **fa4** — FlashAttention-4 (CuTe DSL, Hopper/Blackwell; `pip install "speedrun-plm[hopper]"`) through
+  speedrun/kernels/fa4.py, a torch.library custom op (no graph break), on the same offsets as varlen;
+  it takes the sliding window as a 0-d CPU tensor, so a window that binds (whole proteins, a growing
+  window) stays on this path without recompiles. Chosen first on CUDA when it imports and passes a
+  forward+backward self-test against an fp32 reference; else the next back-end, with one warning.
+* **varlen** — FlashAttention-2's variable-length kernel (`torch.nn.attention.varlen.varlen_attn`)
+  with cumulative segment offsets: exact work (sum of L_i^2), no block padding; a binding window as
+  its `window_size` where this torch has it. Offsets have a fixed size (at most `packing.max_docs`
+  documents per micro-batch, enforced by the loader, then the padding in pieces of at most the bound)
+  so shapes stay static.
 * **flex** — FlexAttention with a block mask built from the rule (128-token blocks), compiled; the
-  general CUDA path, with the window as a tensor so its schedule never recompiles.
+  general CUDA path (fp32 too), with the window as a tensor so its schedule never recompiles.
 * **sdpa** — `scaled_dot_product_attention` on per-segment padded batches grouped by length (work
   near sum(L_i^2) rather than T^2). Used where the others cannot run: FlexAttention has no backward on
   CPU.
 
-`tests/test_attention.py` checks that they give the same output on the same packed batch.
+`choose()` picks one (model.attention=auto: fa4 -> varlen -> flex on CUDA, sdpa elsewhere) from what is
+installed, the device, the dtype, the segment bound and whether the window can bind, and says why;
+the run's log and summary.json record it. `tests/test_attention.py` checks that they give the same
+output on the same packed batch.
 """
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
@@ -95,8 +103,68 @@ class AttnContext(NamedTuple):
     backend: str
     block_mask: object = None  # flex
     groups: Optional[dict] = None  # sdpa: {'groups': [(index, valid, mask)], 'inverse': permutation}
-    offsets: Optional[torch.Tensor] = None  # varlen: cumulative segment offsets (int32)
-    max_len: int = 0  # varlen: upper bound on a segment's length
+    offsets: Optional[torch.Tensor] = None  # fa4, varlen: cumulative segment offsets (int32)
+    max_len: int = 0  # fa4, varlen: upper bound on a segment's length
+    window: object = None  # fa4: a 0-d CPU tensor, varlen: an int; None when the window cannot bind
+
+
+def varlen_window_supported() -> bool:
+    """torch's varlen_attn takes `window_size` (torch 2.13 does; earlier releases may not)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def _usable(name: str, device: torch.device, *, n_heads: int, head_dim: int, dtype: torch.dtype, bound: int,
+            window_binds: bool, tokens: int) -> tuple[bool, str]:
+    """Whether back-end `name` can run this configuration here, and why (not)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if name == "sdpa":
+        return True, "SDPA on per-document batches (no fused kernel here)"
+    if device.type != "cuda":
+        return False, f"needs CUDA (the device is {device})"
+    if name == "flex":
+        return (flex_available(device), "FlexAttention with 128-token block masks")
+    if bound <= 0:
+        return False, "needs a bound on the documents' length (data.crop, or a window that cannot bind)"
+    if not half:
+        return False, f"runs bf16/fp16 attention, not {dtype} (hardware.precision)"
+    if name == "varlen":
+        if not varlen_available(device):
+            return False, "torch has no torch.nn.attention.varlen"
+        if window_binds and not varlen_window_supported():
+            return False, "this torch's varlen_attn takes no window_size and the window binds"
+        return True, "FlashAttention-2 varlen (torch)" + (" with a sliding window" if window_binds else "")
+    from .kernels import fa4
+
+    ok, why = fa4.probe(device, n_heads, head_dim, dtype, window=min(128, bound - 1) if window_binds else -1,
+                        max_seqlen=bound, tokens_per_batch=tokens)
+    return ok, ("FlashAttention-4 varlen: " + why) if ok else why
+
+
+def choose(want: str, device: torch.device, *, n_heads: int, head_dim: int, dtype: torch.dtype, bound: int = 0,
+           window_binds: bool = False, tokens: int = 65536) -> tuple[str, str]:
+    """(back-end, why) for model.attention=`want` (see the module docstring). A back-end asked for by
+    name that cannot run is one ConfigError line; `auto` takes the first that can."""
+    from .errors import ConfigError
+
+    order = ["fa4", "varlen", "flex"] if device.type == "cuda" else ["sdpa"]
+    if want == "auto":
+        skipped = []
+        for name in order:
+            ok, why = _usable(name, device, n_heads=n_heads, head_dim=head_dim, dtype=dtype, bound=bound,
+                              window_binds=window_binds, tokens=tokens)
+            if ok:
+                return name, why + (f" (not {'; not '.join(skipped)})" if skipped else "")
+            skipped.append(f"{name}: {why}")
+        return "sdpa", "SDPA on per-document batches (" + "; ".join(skipped) + ")"
+    ok, why = _usable(want, device, n_heads=n_heads, head_dim=head_dim, dtype=dtype, bound=bound,
+                      window_binds=window_binds, tokens=tokens)
+    if not ok:
+        raise ConfigError(f"model.attention={want} {why}: use model.attention=auto")
+    return want, why
 
 
 def build_context(doc_ids: torch.Tensor, window: int | torch.Tensor, backend: str,
@@ -105,11 +173,12 @@ def build_context(doc_ids: torch.Tensor, window: int | torch.Tensor, backend: st
 
     varlen needs `max_len`, an upper bound on a document's length that is at most the window; the
     trailing padding is cut into segments no longer than it (varlen_offsets)."""
-    if backend == "varlen":
+    if backend in ("fa4", "varlen"):
         if max_len <= 0:
-            raise ValueError("the varlen back-end needs max_len, a bound on every segment's length")
-        return AttnContext("varlen", offsets=varlen_offsets(doc_ids, max_docs(doc_ids.numel()), int(max_len)),
-                           max_len=int(max_len))
+            raise ValueError(f"the {backend} back-end needs max_len, a bound on every segment's length")
+        offsets = varlen_offsets(doc_ids, max_docs(doc_ids.numel()), int(max_len))
+        return AttnContext(backend, offsets=offsets, max_len=int(max_len), window=_kernel_window(backend, window,
+                                                                                              max_len))
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -124,6 +193,18 @@ def build_context(doc_ids: torch.Tensor, window: int | torch.Tensor, backend: st
         # while a block is traced, the global changes under the trace and every block compiles twice
         return AttnContext("flex", block_mask=bm)
     return AttnContext("sdpa", groups=_sdpa_groups(doc_ids, int(window)))
+
+
+def _kernel_window(backend: str, window, bound: int):
+    """The window as the fa4/varlen kernels take it: None when it cannot bind (>= the segment bound);
+    fa4: a 0-d CPU tensor (no recompile as it grows), varlen: an int."""
+    if isinstance(window, torch.Tensor):
+        if backend == "fa4" and window.device.type == "cpu":
+            return window  # the caller keeps it current (TrainStep); its value may not bind, the kernel checks
+        window = int(window)
+    if window is None or int(window) >= bound:
+        return None
+    return torch.tensor(int(window)) if backend == "fa4" else int(window)
 
 
 def _segments(doc_ids: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -174,10 +255,15 @@ def _sdpa_groups(doc_ids: torch.Tensor, window: int) -> dict:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     """Attention for q, k, v of shape (T, H, D) under `ctx`; returns (T, H, D)."""
+    if ctx.backend == "fa4":
+        from .kernels.fa4 import fa4_varlen
+
+        return fa4_varlen(q, k, v, ctx.offsets, ctx.max_len, -1 if ctx.window is None else ctx.window)
     if ctx.backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
-        return varlen_attn(q, k, v, ctx.offsets, ctx.offsets, ctx.max_len, ctx.max_len)
+        kw = {} if ctx.window is None else {"window_size": (ctx.window - 1, ctx.window - 1)}
+        return varlen_attn(q, k, v, ctx.offsets, ctx.offsets, ctx.max_len, ctx.max_len, **kw)
     if ctx.backend == "flex":
         out = _flex_fn(q.device)(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                          v.transpose(0, 1).unsqueeze(0), block_mask=ctx.block_mask)

@@ -334,7 +334,9 @@ POLYMORPHIC = {"model": ("arch", MODELS), "optimizer": ("name", OPTIMIZERS), "ob
 class DataConfig:
     name: str = "sample"  # the embedded Swiss-Prot 2014 sample, or a shard-folder dataset
     path: Optional[str] = None  # folder of *_train_*.bin / *_valid_*.bin / *_test_*.bin shards
-    max_length: int = 1024  # tokens (specials included): training documents are cropped to it (see crop)
+    max_length: int = 1024  # tokens (specials included): the crop of long training documents, the eval pieces
+    crop: bool = True  # crop longer training documents (at a seeded offset); false: keep them whole, the sliding
+    # window limiting attention (the reference's way; pieces only past 8 x max_length: speedrun/packing.py)
     seed: int = 0  # data order (per-epoch reshuffle)
     prefetch: int = 2  # batches prepared ahead by the background loader thread
     # where downloaded / prepared datasets live; the dataset configs set path: ${data.root}/<folder>
@@ -365,6 +367,7 @@ class HardwareConfig:
     compile_scope: str = "blocks"  # blocks: each block (one graph for all layers, fast compile) | model
     memory_budget: float = 1.0  # torch.compile activation memory budget in (0, 1]: < 1 recomputes cheap ops
     fp8: bool = False  # FP8 GEMMs (dynamic per-tensor scales) for the blocks' matrices; needs precision=bf16
+    triton_rope: bool = False  # hand-written Triton QK-norm + RoPE (+ value mix) kernels (unet, transformer; CUDA)
     micro_batch_tokens: int = 8192  # tokens per rank per forward/backward
     grad_accum: Optional[int] = None  # derived from train.batch_tokens when null
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = one per CPU this process may use
@@ -522,6 +525,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"eval.probe_every={cfg.eval.probe_every} needs per-layer embeddings, which "
                           f"model.arch={m.arch} does not provide (unet and transformer do): set eval.probe_every=0 "
                           "or change model.arch")
+    if not d.crop and m.arch == "patch_unet":
+        raise ConfigError("data.crop=false does not apply to model.arch=patch_unet (its rows hold data.max_length "
+                          "tokens): keep data.crop=true")
     if h.fp8 and m.arch not in ("unet", "transformer"):
         raise ConfigError(f"hardware.fp8=true: model.arch={m.arch} has no FP8 path (unet and transformer have); "
                           "use hardware.fp8=false")
@@ -665,7 +671,7 @@ def register_schema() -> None:
 
 
 # ================================== run identity: "the same run" ===================================
-NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_threads",
+NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_threads", "hardware.triton_rope",
                 "hardware.compile_warmup_steps", "hardware.compile", "hardware.compile_scope",
                 "hardware.memory_budget", "data.prefetch", "checkpoint.keep_last", "checkpoint.every_steps",
                 "checkpoint.every_minutes", "checkpoint.final", "model.attention")

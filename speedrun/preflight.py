@@ -66,6 +66,18 @@ def fp8(cfg: RunConfig, model, device: torch.device) -> None:
     model.enable_fp8()
 
 
+def triton_rope(model, device: torch.device) -> None:
+    """hardware.triton_rope=true: the Triton QK-norm + RoPE kernels, where they can run."""
+    from .kernels.rope import triton_kernels
+
+    if not hasattr(model, "enable_fused_rope"):
+        raise ConfigError(f"hardware.triton_rope=true: model.arch={model.cfg.arch} has no such path (unet and "
+                          "transformer have); use hardware.triton_rope=false")
+    if device.type != "cuda" or triton_kernels() is None:
+        raise ConfigError("hardware.triton_rope=true needs CUDA and triton: use hardware.triton_rope=false")
+    model.enable_fused_rope()
+
+
 def probes(cfg: RunConfig) -> None:
     """Probe tasks load now (cached), so a missing file stops the run before training."""
     if cfg.eval.probe_every > 0:

@@ -65,11 +65,18 @@ def compile_model(model: nn.Module, scope: str, memory_budget: float = 1.0) -> N
     model.lm_head.compile(dynamic=False)
 
 
-def max_segment_len(cfg: RunConfig) -> int:
-    """The bound the varlen back-ends may rely on: data.max_length when the sliding window can never
-    bind (every document fits in it, for the whole run), else 0."""
-    never_binds = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length) >= cfg.data.max_length
-    return cfg.data.max_length if never_binds else 0
+def max_segment_len(cfg: RunConfig, tokens: Optional[int] = None) -> int:
+    """The bound on a training document's length that the FlashAttention back-ends rely on
+    (packing.segment_bound: data.max_length when cropped, a multiple of it for whole proteins)."""
+    from .packing import segment_bound
+
+    return segment_bound(tokens or cfg.hardware.micro_batch_tokens, cfg.data.max_length, cfg.data.crop)
+
+
+def window_binds(cfg: RunConfig) -> bool:
+    """Whether the sliding window can ever be shorter than a training document."""
+    smallest = min(cfg.train.window_start, cfg.train.window_end or cfg.data.max_length)
+    return smallest < max_segment_len(cfg)
 
 
 def window_at(cfg: RunConfig, step: int) -> int:
@@ -125,9 +132,9 @@ class Run:
 
     def new_stream(self, seed_offset: int):
         """Another stream over the training shards (the warm-up and the dry-run probe use their own)."""
-        Stream = RowStream if spec(self.cfg.model.arch).layout == "rows" else TrainStream
-        return Stream(self.files["train"], self.geo["micro_batch_tokens"], self.cfg.data.max_length,
-                      self.cfg.data.seed + seed_offset, self.info.rank, self.info.world_size)
+        args = (self.files["train"], self.geo["micro_batch_tokens"], self.cfg.data.max_length,
+                self.cfg.data.seed + seed_offset, self.info.rank, self.info.world_size)
+        return RowStream(*args) if self.rows else TrainStream(*args, crop=self.cfg.data.crop)
 
 
 def _model(cfg: RunConfig, device: torch.device, log) -> tuple[nn.Module, str]:
@@ -137,9 +144,14 @@ def _model(cfg: RunConfig, device: torch.device, log) -> tuple[nn.Module, str]:
 
         log.info(f"init_from {cfg.init_from}: {init_from(model, cfg.init_from)}")
     model = model.to(device)
-    backend = model.set_attention_backend(device, max_segment_len(cfg))
+    dtype = torch.bfloat16 if cfg.hardware.precision == "bf16" else torch.float32
+    backend = model.set_attention_backend(device, max_segment_len(cfg), window_binds(cfg),
+                                          cfg.hardware.micro_batch_tokens, dtype)
+    log.info(f"attention: {backend} ({getattr(model, 'attn_reason', '')})")
     if not (cfg.dry_run and preflight.device_or_none(cfg)):  # FP8 needs the GPU a dry run here does not have
         preflight.fp8(cfg, model, device)
+    if cfg.hardware.triton_rope:
+        preflight.triton_rope(model, device)
     return model, backend
 
 
@@ -148,6 +160,7 @@ def describe(cfg: RunConfig, run_files: dict, evalset: EvalSet, model, backend: 
     s = spec(cfg.model.arch)
     ctx = mean_context(evalset)
     return {"n_params": model.num_params(), "estimated_memory_gib": est_gib, "batch": geo, "attention": backend,
+            "attention_reason": getattr(model, "attn_reason", None), "crop": cfg.data.crop,
             "device": str(device), "precision": cfg.hardware.precision + ("+fp8" if cfg.hardware.fp8 else ""),
             "compile": cfg.hardware.compile, "threads": torch.get_num_threads(),
             "flops_per_token": s.flops_per_token(cfg.model, ctx) if s.flops_per_token else None,
@@ -176,15 +189,16 @@ def build(cfg: RunConfig, run_dir: Path, info, claim, log: logging.Logger, devic
     est = memory(cfg.model, T, cfg.hardware.precision) if memory else None
     preflight.memory(cfg, est, device, T, lambda t: memory(cfg.model, t, cfg.hardware.precision))
     optimizers = build_optimizers(model, cfg.optimizer, device)
-    Stream = RowStream if rows else TrainStream
-    stream = Stream(files["train"], T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size)
+    stream = TrainStream(files["train"], T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size,
+                         crop=cfg.data.crop) if not rows else \
+        RowStream(files["train"], T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size)
     state = TrainState(optimizers=optimizers, stream=stream)
     if claim.checkpoint is not None:
         restore(state, model, claim.checkpoint, info.rank, device)
         log.info(f"resumed from {claim.checkpoint} at step {state.step}")
     step = TrainStep(model, optimizers, objective=cfg.objective, seed=cfg.seed, accum=geo["grad_accum"], dtype=dtype,
                      grad_clip=cfg.optimizer.grad_clip, rank=info.rank, distributed=info.distributed, device=device,
-                     window_tensor=backend == "flex")
+                     window_tensor={"flex": "device", "fa4": "cpu"}.get(backend))
     desc = describe(cfg, files, evalset, model, backend, geo, device, info.mode, est)
     return Run(cfg, info, Path(run_dir), log, claim.writes and info.is_main, device, dtype, geo, files, stream,
                evalset, model, optimizers, state, step, desc, resumed_from=claim.checkpoint)

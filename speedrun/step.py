@@ -62,7 +62,8 @@ class TrainStep:
     """One optimizer step of `model` with `optimizers` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, optimizers: list, *, objective, seed: int, accum: int, dtype,
-                 grad_clip: float, rank: int = 0, distributed: bool = False, device=None, window_tensor=False):
+                 grad_clip: float, rank: int = 0, distributed: bool = False, device=None,
+                 window_tensor: Optional[str] = None):
         self.model, self.optimizers, self.objective = model, optimizers, objective
         self.seed, self.accum, self.dtype, self.grad_clip = seed, accum, dtype, grad_clip
         self.rank, self.distributed = rank, distributed
@@ -73,9 +74,14 @@ class TrainStep:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.task, device_ids=ids, broadcast_buffers=False,
                                                            gradient_as_bucket_view=True)
-        # the flex back-end reads the window from a device tensor (its schedule never recompiles); the others
-        # take the host int (a .item() before each forward would stall the launch queue)
-        self.window_t = torch.zeros((), dtype=torch.int32, device=self.device) if window_tensor else None
+        # the window as a tensor the compiled blocks do not specialise on (its schedule never recompiles):
+        # on the device for flex, a 0-d CPU tensor for fa4 (read on the host by the kernel launch); the
+        # others take the host int (a .item() before each forward would stall the launch queue)
+        self.window_t = None
+        if window_tensor == "device":
+            self.window_t = torch.zeros((), dtype=torch.int32, device=self.device)
+        elif window_tensor == "cpu":
+            self.window_t = torch.zeros((), dtype=torch.int64)
 
     def micro(self, tokens: torch.Tensor, doc_ids: torch.Tensor, step: int, index: int, window: int,
               sync: bool) -> torch.Tensor:

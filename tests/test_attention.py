@@ -178,3 +178,46 @@ def test_varlen_matches_sdpa_on_cuda():
     out = attend(q, k, v, build_context(doc, 1024, "varlen", max_len=64))
     real = doc >= 0
     torch.testing.assert_close(out.float()[real], ref[real], atol=2e-2, rtol=2e-2)
+
+
+# ---- the back-end choice (model.attention=auto) and its fallback --------------------------------------
+def _choose(monkeypatch, *, fa4=(True, "ok"), varlen=True, window_ok=True, **kw):
+    import speedrun.attention as A
+    from speedrun.kernels import fa4 as F
+
+    monkeypatch.setattr(A, "flex_available", lambda device: True)
+    monkeypatch.setattr(A, "varlen_available", lambda device: varlen)
+    monkeypatch.setattr(A, "varlen_window_supported", lambda: window_ok)
+    monkeypatch.setattr(F, "probe", lambda *a, **k: fa4)
+    args = dict(n_heads=6, head_dim=128, dtype=torch.bfloat16, bound=1024, window_binds=False, tokens=65536)
+    return A.choose(kw.pop("want", "auto"), torch.device("cuda"), **{**args, **kw})
+
+
+def test_auto_prefers_fa4_then_varlen_then_flex(monkeypatch):
+    assert _choose(monkeypatch)[0] == "fa4"
+    name, why = _choose(monkeypatch, fa4=(False, "cannot import flash_attn.cute"))
+    assert name == "varlen" and "cannot import flash_attn.cute" in why  # the fallback says why
+    assert _choose(monkeypatch, fa4=(False, "x"), window_binds=True, window_ok=False)[0] == "flex"
+    assert _choose(monkeypatch, fa4=(False, "x"), window_binds=True)[0] == "varlen"  # FA2 with window_size
+    assert _choose(monkeypatch, fa4=(False, "x"), varlen=False)[0] == "flex"
+    assert _choose(monkeypatch, dtype=torch.float32)[0] == "flex"  # the FlashAttention kernels are bf16/fp16
+    assert _choose(monkeypatch, bound=0)[0] == "flex"  # no bound on a document's length
+
+
+def test_a_back_end_asked_for_by_name_that_cannot_run_is_one_line(monkeypatch):
+    from speedrun.attention import choose
+    from speedrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.attention=fa4 needs CUDA"):
+        choose("fa4", torch.device("cpu"), n_heads=2, head_dim=16, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="model.attention=fa4 .*broken.*model.attention=auto"):
+        _choose(monkeypatch, want="fa4", fa4=(False, "broken kernel"))
+    assert choose("auto", torch.device("cpu"), n_heads=2, head_dim=16, dtype=torch.float32)[0] == "sdpa"
+
+
+def test_the_run_records_which_back_end_ran_and_why(tiny_cfg, tmp_path):
+    from speedrun.train import run
+
+    summary = run(tiny_cfg("train.max_steps=1", "checkpoint.final=false"), tmp_path)
+    assert summary["attention"] == "sdpa" and "SDPA" in summary["attention_reason"]
+    assert "attention: sdpa" in (tmp_path / "rank0.log").read_text()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from speedrun.kernels import fa4, rope
-from speedrun.model import Rotary, apply_rotary, norm
+from speedrun.models.unet import Rotary, apply_rotary, norm
 
 try:
     import triton  # noqa: F401
@@ -310,7 +310,7 @@ def _mix_results(fn, qkv, ve, lambdas, tables, grads, dtype=None):
 
 
 def _mix_formula(qkv, ve, lambdas, tables):
-    """Attention.forward of speedrun.model between the QKV GEMM and attention."""
+    """Attention.forward of speedrun.models.unet between the QKV GEMM and attention."""
     q, k, v = qkv.unbind(1)
     v = lambdas[0] * v + lambdas[1] * ve
     return (*_model_formula(q, k, tables), v)
@@ -372,44 +372,23 @@ def test_triton_kernels_compile_for_sm90():
 
 
 # ----------------------------------------------------------------------------------------------------
-# the integration into speedrun.model (which this branch does not edit): the calls the reply proposes
-
-
-def _integrated_attention_forward(self, x, ve, ctx, rope_tables):
-    """Attention.forward with the kernels wired in (`ctx.backend == "fa4"` stands for the new back-end)."""
-    from speedrun.model import linear
-
-    T = x.size(0)
-    shape = (T, self.n_heads, self.head_dim)
-    w = torch.cat((self.q.weight, self.k.weight, self.v.weight))
-    qkv = linear(x, w, self.q.fp8).view(T, 3, *shape[1:])
-    if self.lambdas is not None and ve is not None:
-        q, k, v = rope.qkv_norm_rope_mix(qkv, ve.view(shape), self.lambdas, rope_tables)
-    else:
-        q, k, v = qkv.unbind(1)
-        q, k = rope.qk_norm_rope(q, k, rope_tables)
-    y = fa4.fa4_varlen(q, k, v, ctx.offsets, ctx.max_len)
-    return self.o(y.reshape(T, -1))
-
-
-def _varlen_context(doc, max_len):
-    from speedrun.attention import build_context
-
-    return build_context(doc, max_len, "varlen", max_len)
+# the integration: model.enable_fused_rope() (hardware.triton_rope) and the fa4 attention back-end
 
 
 @pytest.mark.parametrize("kernels", ["eager", pytest.param("interpreter", marks=needs_interpreter)])
 @pytest.mark.parametrize("arch", ["unet", "transformer"])
 def test_integrated_model_matches_the_model(monkeypatch, kernels, arch):
-    """The whole tiny model, loss and every gradient, with the ops in Attention.forward (varlen offsets)
-    against the model as it is (SDPA); o projections randomised so attention's gradients are not 0."""
-    from speedrun.config import ModelConfig
-    from speedrun.model import Attention, ProteinLM
+    """The whole tiny model, loss and every gradient, with the Triton ops in Attention.forward and the fa4
+    back-end (its CPU reference here) against the model as it is (SDPA); o projections randomised so
+    attention's gradients are not 0."""
+    from speedrun.attention import build_context
+    from speedrun.config import make
+    from speedrun.models.unet import ProteinLM
 
     if kernels == "eager":
         monkeypatch.setattr(rope, "_use_triton", lambda x: False)
     torch.manual_seed(0)
-    model = ProteinLM(ModelConfig(dim=64, n_layers=4, n_heads=2, arch=arch, value_embeddings=arch == "unet"))
+    model = ProteinLM(make("model", dim=64, n_layers=4, n_heads=2, arch=arch))
     with torch.no_grad():
         for block in model.blocks:
             block.attn.o.weight.normal_(0, 0.05)
@@ -427,8 +406,8 @@ def test_integrated_model_matches_the_model(monkeypatch, kernels, arch):
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     want = loss_and_grads(model.make_context(doc, 40))  # SDPA, the CPU back-end
-    monkeypatch.setattr(Attention, "forward", _integrated_attention_forward)
-    got = loss_and_grads(_varlen_context(doc, 40))
+    model.enable_fused_rope()
+    got = loss_and_grads(build_context(doc, 40, "fa4", 40))
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     assert len(got[1]) == len(want[1])
     for a, b in zip(got[1], want[1]):

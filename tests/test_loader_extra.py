@@ -256,3 +256,26 @@ def test_close_is_prompt_with_a_full_queue(tmp_path):
     t0 = time.time()
     pf.close()
     assert time.time() - t0 < 2 and not pf._thread.is_alive()
+
+
+def test_whole_proteins_keep_long_documents_and_cut_only_past_the_bound(tmp_path):
+    """data.crop=false: a document longer than data.max_length is kept whole (the window limits its
+    attention), cut into pieces only past packing.segment_bound; data.crop=true crops it."""
+    import numpy as np
+
+    from speedrun.data.loader import TrainStream
+    from speedrun.data.shards import write_shard
+    from speedrun.packing import segment_bound
+
+    lengths = [40, 300, 2100, 25]  # with max_length 256: bound 2048 whole
+    docs = [np.concatenate([[0], np.full(n - 2, 5 + i % 10), [2]]).astype(np.uint8) for i, n in enumerate(lengths)]
+    f = tmp_path / "d_train_000000.bin"
+    write_shard(f, np.concatenate(docs))
+    whole = TrainStream([f], 4096, 256, seed=0, crop=False)
+    tokens, ids = whole.next_batch()
+    counts = sorted(np.bincount(ids[ids >= 0]).tolist())
+    assert segment_bound(4096, 256, False) == 2048
+    assert counts == sorted([40, 300, 2048, 2100 - 2048, 25])  # every token, the long one in two pieces
+    cropped = TrainStream([f], 4096, 256, seed=0, crop=True)
+    _, ids = cropped.next_batch()
+    assert max(np.bincount(ids[ids >= 0]).tolist()) == 256

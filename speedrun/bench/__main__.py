@@ -6,7 +6,7 @@ data=local data.path=DIR`), then it runs the real training loop (speedrun.train.
 
 * tokens/s (from the median step time, and overall), step time median / p10 / p90;
 * MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token
-  = 6 x (matrix parameters) + 12 x layers x width x mean attended context (speedrun.model.flops_per_token;
+  = 6 x (matrix parameters) + 12 x layers x width x mean attended context (speedrun.models.unet.flops_per_token;
   the mean context is sum(L_i^2) / sum(L_i) over the documents of the batches) and the peak given by
   `bench.peak_tflops` (default 793: the bf16 matmul ceiling measured on an H200);
 * time to the first optimizer step (from process start, compilation included), compile seconds;

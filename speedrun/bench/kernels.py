@@ -285,7 +285,7 @@ def rope_inputs(tokens: int, heads: int, head_dim: int, dtype: torch.dtype, devi
 
 
 def eager_pair(q: torch.Tensor, k: torch.Tensor, rope_tables) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's formula (speedrun.model.Attention.forward)."""
+    """The model's formula (speedrun.models.unet.Attention.forward)."""
     from ..model import apply_rotary, norm
 
     return apply_rotary(norm(q), rope_tables), apply_rotary(norm(k), rope_tables)

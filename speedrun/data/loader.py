@@ -3,7 +3,9 @@
 Training, one stream per rank. Each epoch visits the shards in a seeded random order; inside a shard,
 the documents are put in a seeded random order and rank r takes every world-th of them, so ranks read
 disjoint data and every epoch is reshuffled. A document longer than `max_length` is randomly cropped
-to `max_length` tokens (offset seeded by seed, epoch, shard and document, so it is reproducible).
+to `max_length` tokens (offset seeded by seed, epoch, shard and document, so it is reproducible) —
+or, with crop=False (data.crop=false, the reference's way), kept whole and only cut into pieces past
+`packing.segment_bound` (8 x max_length), the sliding window then limiting its attention.
 
 * `TrainStream` (UNet and transformer paths): documents back to back in a flat stream of exactly T
   tokens; a document that does not fit the space left starts the next batch (the rest is `<pad>`).
@@ -48,7 +50,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..packing import max_docs
+from ..packing import max_docs, segment_bound
 from ..vocab import PAD
 from .shards import DataError, doc_bounds, empty_split_error, fingerprint, open_shard
 
@@ -118,11 +120,23 @@ class _View:
         return int(self.docs.size)
 
 
+def _pieces(docs: np.ndarray, starts: np.ndarray, raw: np.ndarray, piece: int) -> tuple:
+    """Documents longer than `piece` cut into consecutive pieces of at most `piece` tokens (each piece a
+    document of the batch: the attention kernels bound a segment's length)."""
+    counts = np.maximum(1, -(-raw // piece))
+    if (counts == 1).all():
+        return docs, starts, raw
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    k = np.arange(int(counts.sum()), dtype=np.int64) - first  # piece number within its document
+    rep = np.repeat(np.arange(docs.size), counts)
+    return docs[rep], starts[rep] + k * piece, np.minimum(raw[rep] - k * piece, piece)
+
+
 class _DocCursor:
     """The shared cursor: which document comes next, for one rank, across shards and epochs."""
 
     def __init__(self, files: list[Path], tokens_per_batch: int, max_length: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, crop: bool = True):
         if max_length > tokens_per_batch:
             raise DataError(f"data.max_length={max_length} exceeds the micro-batch of {tokens_per_batch} tokens")
         if not files:
@@ -130,6 +144,9 @@ class _DocCursor:
         self.shards = Shards(files)
         self.fingerprint = fingerprint(self.shards.files)
         self.T, self.max_length, self.seed = tokens_per_batch, max_length, seed
+        self.crop = crop
+        # documents longer than `piece` are cropped to it at a seeded offset (crop) or cut into pieces of it
+        self.piece = segment_bound(tokens_per_batch, max_length, crop)
         self.rank, self.world = rank, world_size
         self.max_docs = max_docs(tokens_per_batch)
         self._docs_left = self.max_docs
@@ -184,8 +201,10 @@ class _DocCursor:
                 docs = perm[self.rank::self.world]
                 s = starts[docs]
                 raw = ends[docs] - s
+                if not self.crop:
+                    docs, s, raw = _pieces(docs, s, raw, self.piece)
                 cum = np.zeros(docs.size + 1, dtype=np.int64)
-                np.cumsum(np.minimum(raw, self.max_length), out=cum[1:])
+                np.cumsum(np.minimum(raw, self.piece), out=cum[1:])
                 v = self._view = _View(key, shard, tokens, docs, s, raw, cum)
             if self.doc_pos < v.n:
                 return v
@@ -236,11 +255,11 @@ class _DocCursor:
                 j += 1
             src = v.starts[A:B].copy()
             raw = v.raw[A:B]
-            lens = np.minimum(raw, self.max_length)
-            for k in np.flatnonzero(raw > self.max_length).tolist():  # random crop of long documents
+            lens = np.minimum(raw, self.piece)
+            for k in np.flatnonzero(raw > self.piece).tolist():  # random crop of long documents (data.crop)
                 d = int(v.docs[A + k])
                 src[k] += int(np.random.default_rng([self.seed, v.key[0], v.shard, d, 2]).integers(
-                    0, int(raw[k]) - self.max_length + 1))
+                    0, int(raw[k]) - self.piece + 1))
             rel = v.cum[A:B] - v.cum[A]  # offset of each document within the merged pieces
             total = int(v.cum[B] - v.cum[A])
             run = np.arange(total, dtype=np.int64)

@@ -16,7 +16,7 @@ block: its dq, dk are separate tensors that Inductor then copies into the QKV gr
 `python -m speedrun.bench.kernels` times all three variants on the GPU. The ops save no activations:
 the backward re-reads the QKV output (which autograd keeps for the value-mix backward anyway).
 
-Semantics: exactly speedrun.model's `apply_rotary(F.rms_norm(x, (D,)), (cos, sin))` and
+Semantics: exactly speedrun.models.unet's `apply_rotary(F.rms_norm(x, (D,)), (cos, sin))` and
 `lambdas[0] * v + lambdas[1] * ve`, with `cos, sin` the (T, 1, D/2) tables of `Rotary.forward` and
 torch's default eps. That default is the epsilon of the *computation* dtype: F.rms_norm on bf16/fp16
 computes in fp32 and adds finfo(float32).eps (checked on torch 2.13 CPU, and in torch/_decomp
@@ -65,7 +65,7 @@ def default_eps(dtype: torch.dtype) -> float:
 
 
 def reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: Optional[float] = None) -> torch.Tensor:
-    """The eager formula of speedrun.model: apply_rotary(F.rms_norm(x, (D,), eps=eps), (cos, sin))."""
+    """The eager formula of speedrun.models.unet: apply_rotary(F.rms_norm(x, (D,), eps=eps), (cos, sin))."""
     n = F.rms_norm(x, (x.size(-1),), eps=eps)
     n1, n2 = n.chunk(2, dim=-1)
     return torch.cat((n1 * cos + n2 * sin, n2 * cos - n1 * sin), dim=-1)

@@ -284,17 +284,18 @@ class PatchUNet(nn.Module):
         """Every block (encoder, decoder, extra), e.g. for per-block torch.compile."""
         return list(self.encoder) + list(self.decoder) + list(self.extra)
 
-    def set_attention_backend(self, device: torch.device, max_segment_len: int = 0) -> str:
-        """Pick FlexAttention on CUDA (unless model.attention=sdpa), SDPA elsewhere. `max_segment_len`
-        is accepted for ProteinLM's signature and ignored: FlashAttention's varlen kernel does not
-        apply to per-level row masks."""
+    def set_attention_backend(self, device: torch.device, max_segment_len: int = 0, window_binds: bool = False,
+                              tokens: int = 65536, dtype: torch.dtype = torch.bfloat16) -> str:
+        """FlexAttention on CUDA (unless model.attention=sdpa), SDPA elsewhere: the FlashAttention varlen
+        kernels do not apply to per-level row masks (the other arguments are ProteinLM's signature)."""
         want = self.cfg.attention
-        if want == "varlen":
-            raise ConfigError("model.attention=varlen does not apply to model.arch=patch_unet (per-level row "
+        if want in ("varlen", "fa4"):
+            raise ConfigError(f"model.attention={want} does not apply to model.arch=patch_unet (per-level row "
                               "masks): use model.attention=auto, flex or sdpa")
         if want == "flex" and not flex_available(device):
-            raise RuntimeError(f"model.attention=flex needs CUDA (device is {device}): use model.attention=auto")
+            raise ConfigError(f"model.attention=flex needs CUDA (device is {device}): use model.attention=auto")
         self.attn_backend = "flex" if want == "flex" or (want == "auto" and flex_available(device)) else "sdpa"
+        self.attn_reason = "FlexAttention on per-level row masks" if self.attn_backend == "flex" else "SDPA"
         return self.attn_backend
 
     def num_params(self) -> int:

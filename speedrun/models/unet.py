@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import AttnContext, attend, build_context, flex_available, varlen_available
+from ..attention import AttnContext, attend, build_context, choose
 from ..config import ModelConfig, mlp_hidden
 from ..fp8 import fp8_linear
 from ..vocab import MASK
@@ -88,6 +88,7 @@ class Attention(nn.Module):
         self.q, self.k, self.v = CastedLinear(dim, dim), CastedLinear(dim, dim), CastedLinear(dim, dim)
         self.o = CastedLinear(dim, dim, zero_init=True)
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_mix else None
+        self.fused_rope = False  # hand-written Triton kernels for QK-norm + RoPE (+ the value mix): speedrun/kernels
 
     def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], ctx: AttnContext,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -95,10 +96,20 @@ class Attention(nn.Module):
         shape = (T, self.n_heads, self.head_dim)
         # one GEMM for q, k and v (the three weights stay separate parameters, as Muon wants them)
         w = torch.cat((self.q.weight, self.k.weight, self.v.weight))
-        q, k, v = linear(x, w, self.q.fp8).view(T, 3, *shape[1:]).unbind(1)
-        if self.lambdas is not None and ve is not None:
-            v = self.lambdas[0] * v + self.lambdas[1] * ve.view(shape)
-        q, k = apply_rotary(norm(q), rope), apply_rotary(norm(k), rope)
+        qkv = linear(x, w, self.q.fp8).view(T, 3, *shape[1:])
+        if self.fused_rope:
+            from ..kernels.rope import qk_norm_rope, qkv_norm_rope_mix
+
+            if self.lambdas is not None and ve is not None:
+                q, k, v = qkv_norm_rope_mix(qkv, ve.view(shape), self.lambdas, rope)
+            else:
+                q, k, v = qkv.unbind(1)
+                q, k = qk_norm_rope(q, k, rope)
+        else:
+            q, k, v = qkv.unbind(1)
+            if self.lambdas is not None and ve is not None:
+                v = self.lambdas[0] * v + self.lambdas[1] * ve.view(shape)
+            q, k = apply_rotary(norm(q), rope), apply_rotary(norm(k), rope)
         y = attend(q, k, v, ctx)
         return self.o(y.reshape(T, -1))
 
@@ -172,26 +183,18 @@ class ProteinLM(nn.Module):
         self.attn_backend = "sdpa"
         self.max_segment_len = 0
 
-    def set_attention_backend(self, device: torch.device, max_segment_len: int = 0) -> str:
-        """Choose the attention back-end (see attention.py). `max_segment_len` > 0 promises that no
-        document of a packed batch is longer — and that the window never binds — which allows
-        FlashAttention's varlen kernel on CUDA (the trailing padding is cut into pieces that fit);
-        otherwise FlexAttention on CUDA and SDPA elsewhere."""
-        want = self.cfg.attention
-        if want in ("flex", "varlen") and not flex_available(device):
-            raise RuntimeError(f"model.attention={want} needs CUDA (device is {device}): use model.attention=auto")
-        if want == "varlen" and (not varlen_available(device) or max_segment_len <= 0):
-            raise RuntimeError("model.attention=varlen needs torch.nn.attention.varlen and documents no longer "
-                               "than the sliding window: use model.attention=auto")
-        if want == "auto":
-            if varlen_available(device) and max_segment_len > 0:
-                want = "varlen"
-            elif flex_available(device):
-                want = "flex"
-            else:
-                want = "sdpa"
-        self.attn_backend, self.max_segment_len = want, max_segment_len
-        return want
+    def set_attention_backend(self, device: torch.device, max_segment_len: int = 0, window_binds: bool = False,
+                              tokens: int = 65536, dtype: torch.dtype = torch.bfloat16) -> str:
+        """Choose the attention back-end (speedrun.attention.choose; `self.attn_reason` says why).
+        `max_segment_len` > 0 promises that no document of a packed batch is longer, which allows the
+        FlashAttention varlen kernels on CUDA (the trailing padding is cut into pieces that fit);
+        `window_binds`: the sliding window can be shorter than a document."""
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        self.attn_backend, self.attn_reason = choose(self.cfg.attention, device, n_heads=self.cfg.n_heads,
+                                                     head_dim=head_dim, dtype=dtype, bound=max_segment_len,
+                                                     window_binds=window_binds, tokens=tokens)
+        self.max_segment_len = max_segment_len
+        return self.attn_backend
 
     def make_context(self, doc_ids: torch.Tensor, window: int | torch.Tensor) -> AttnContext:
         """Attention masks for one forward, built outside any compiled region."""
@@ -209,6 +212,12 @@ class ProteinLM(nn.Module):
                 lin.fp8 = on
                 n += 1
         return n
+
+    def enable_fused_rope(self, on: bool = True) -> None:
+        """QK-norm + RoPE (and the value-embedding mix) as hand-written Triton kernels (speedrun/kernels/rope.py:
+        one pass forward, one backward that writes the QKV gradient itself); hardware.triton_rope."""
+        for block in self.blocks:
+            block.attn.fused_rope = on
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
