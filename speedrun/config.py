@@ -42,6 +42,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 RESUME = ("auto", "never", "must")
 LOGGERS = ("auto", "none", "wandb")
 PROGRESS = ("auto", "bar", "plain")
+PACKINGS = ("documents", "stream")
 SEED_LIMIT = 2**63
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -337,6 +338,7 @@ class DataConfig:
     max_length: int = 1024  # tokens (specials included): the crop of long training documents, the eval pieces
     crop: bool = True  # crop longer training documents (at a seeded offset); false: keep them whole, the sliding
     # window limiting attention (the reference's way; pieces only past 8 x max_length: speedrun/packing.py)
+    packing: str = "documents"  # documents: whole documents back to back | stream: Dec-2024's contiguous T tokens
     seed: int = 0  # data order (per-epoch reshuffle)
     prefetch: int = 2  # batches prepared ahead by the background loader thread
     # where downloaded / prepared datasets live; the dataset configs set path: ${data.root}/<folder>
@@ -355,6 +357,7 @@ class DataConfig:
         _positive(self.num_chunks, "data.num_chunks", 0)
         if self.name != "sample" and not self.path:
             raise ConfigError(f"data={self.name} needs a shard folder: pass data.path=DIR")
+        _choice(self.packing, PACKINGS, "data.packing")
 
 
 @dataclass
@@ -525,6 +528,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"eval.probe_every={cfg.eval.probe_every} needs per-layer embeddings, which "
                           f"model.arch={m.arch} does not provide (unet and transformer do): set eval.probe_every=0 "
                           "or change model.arch")
+    if d.packing == "stream" and m.arch == "patch_unet":
+        raise ConfigError("data.packing=stream does not apply to model.arch=patch_unet (rows of whole documents): "
+                          "use data.packing=documents")
     if not d.crop and m.arch == "patch_unet":
         raise ConfigError("data.crop=false does not apply to model.arch=patch_unet (its rows hold data.max_length "
                           "tokens): keep data.crop=true")
@@ -679,7 +685,8 @@ NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_thre
 
 # keys added since 0.1, with their defaults: they count for identity only when set otherwise, so a run of
 # an earlier version keeps its identity
-ADDED = {"hardware.nodes": 1, "init_from": None, "optimizer.fused_qkv": False}
+ADDED = {"hardware.nodes": 1, "init_from": None, "optimizer.fused_qkv": False, "data.crop": True,
+         "data.packing": "documents"}
 
 
 def semantic_dict(cfg: RunConfig | dict) -> dict:

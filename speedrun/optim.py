@@ -22,10 +22,14 @@ GPUs).
 
 Parameter groups with `optimizer=muon` (RECIPE.md §5.2): matrices (ndim >= 2, not an embedding, not
 the head) -> Muon at lr_hidden; embeddings (token + value) -> Adam lr_embed; LM head -> Adam lr_head;
-scalars (λ, skip weights, head bias) -> Adam lr_scalar; Adam betas (0.8, 0.95), eps 1e-8, no decay.
+scalars (λ, skip weights) -> Adam lr_scalar; the head's bias is part of the head (name rule "lm_head"):
+Adam lr_head. A tied head's decoder is the token embedding, so it trains at lr_embed. Adam betas
+(0.8, 0.95), eps 1e-8, no decay.
 Every parameter lands in exactly one group (asserted). `optimizer=adamw`: one AdamW over everything.
 
 Schedules are pure functions of the step (no scheduler state), so resume needs only the step.
+
+`optimizer.fused_qkv=true` (Dec-2024) orthogonalises each layer's q, k, v as one 3d x d matrix.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import preflight
 from .config import RunConfig, batch_geometry
-from .data.loader import EvalSet, RowStream, TrainStream
+from .data.loader import ContiguousStream, EvalSet, RowStream, TrainStream
 from .models import build_model, spec
 from .optim import build_optimizers
 from .state import TrainState
@@ -67,10 +67,22 @@ def compile_model(model: nn.Module, scope: str, memory_budget: float = 1.0) -> N
 
 def max_segment_len(cfg: RunConfig, tokens: Optional[int] = None) -> int:
     """The bound on a training document's length that the FlashAttention back-ends rely on
-    (packing.segment_bound: data.max_length when cropped, a multiple of it for whole proteins)."""
+    (packing.segment_bound: data.max_length when cropped, a multiple of it for whole proteins, the
+    micro-batch for data.packing=stream)."""
     from .packing import segment_bound
 
-    return segment_bound(tokens or cfg.hardware.micro_batch_tokens, cfg.data.max_length, cfg.data.crop)
+    T = tokens or cfg.hardware.micro_batch_tokens
+    return T if cfg.data.packing == "stream" else segment_bound(T, cfg.data.max_length, cfg.data.crop)
+
+
+def train_stream(cfg: RunConfig, files: list, tokens: int, seed: int, rank: int, world: int, rows: bool):
+    """The training stream of one rank: rows (Patch-UNet), Dec-2024's contiguous stream, or documents."""
+    args = (files, tokens, cfg.data.max_length, seed, rank, world)
+    if rows:
+        return RowStream(*args)
+    if cfg.data.packing == "stream":
+        return ContiguousStream(*args)
+    return TrainStream(*args, crop=cfg.data.crop)
 
 
 def window_binds(cfg: RunConfig) -> bool:
@@ -132,9 +144,8 @@ class Run:
 
     def new_stream(self, seed_offset: int):
         """Another stream over the training shards (the warm-up and the dry-run probe use their own)."""
-        args = (self.files["train"], self.geo["micro_batch_tokens"], self.cfg.data.max_length,
-                self.cfg.data.seed + seed_offset, self.info.rank, self.info.world_size)
-        return RowStream(*args) if self.rows else TrainStream(*args, crop=self.cfg.data.crop)
+        return train_stream(self.cfg, self.files["train"], self.geo["micro_batch_tokens"],
+                            self.cfg.data.seed + seed_offset, self.info.rank, self.info.world_size, self.rows)
 
 
 def _model(cfg: RunConfig, device: torch.device, log) -> tuple[nn.Module, str]:
@@ -189,9 +200,7 @@ def build(cfg: RunConfig, run_dir: Path, info, claim, log: logging.Logger, devic
     est = memory(cfg.model, T, cfg.hardware.precision) if memory else None
     preflight.memory(cfg, est, device, T, lambda t: memory(cfg.model, t, cfg.hardware.precision))
     optimizers = build_optimizers(model, cfg.optimizer, device)
-    stream = TrainStream(files["train"], T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size,
-                         crop=cfg.data.crop) if not rows else \
-        RowStream(files["train"], T, cfg.data.max_length, cfg.data.seed, info.rank, info.world_size)
+    stream = train_stream(cfg, files["train"], T, cfg.data.seed, info.rank, info.world_size, rows)
     state = TrainState(optimizers=optimizers, stream=stream)
     if claim.checkpoint is not None:
         restore(state, model, claim.checkpoint, info.rank, device)

@@ -166,6 +166,9 @@ def announce(run: Run, claim) -> None:
              f"attention {d['attention']} | {run.device} x{run.info.world_size} | {d['threads']} CPU threads")
     log.info(f"batch: {geo['batch_tokens']:,} tokens/step = {geo['micro_batch_tokens']:,} tokens x "
              f"{geo['grad_accum']} micro-steps x {run.info.world_size} rank(s); {cfg.train.max_steps} steps")
+    if getattr(cfg.model, "tie_embeddings", False) and hasattr(cfg.optimizer, "lr_embed"):
+        log.info(f"model.tie_embeddings=true: the shared embedding/decoder matrix trains with the embeddings, at "
+                 f"optimizer.lr_embed={cfg.optimizer.lr_embed:g}")
     if not run.writes:
         return
     rundir.write_identity(run.run_dir, cfg, claim.changed if claim.kind == "resume" else [])

@@ -279,3 +279,38 @@ def test_whole_proteins_keep_long_documents_and_cut_only_past_the_bound(tmp_path
     cropped = TrainStream([f], 4096, 256, seed=0, crop=True)
     _, ids = cropped.next_batch()
     assert max(np.bincount(ids[ids >= 0]).tolist()) == 256
+
+
+def test_the_contiguous_stream_is_dec2024s_loader(tmp_path):
+    """data.packing=stream: rank r reads [pos + r*T, pos + (r+1)*T), pos advances by W*T, a shard with
+    fewer than W*T tokens left is left; documents are the runs between <cls> tokens; it resumes exactly."""
+    import numpy as np
+
+    from speedrun.data.loader import ContiguousStream
+    from speedrun.data.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[0], rng.integers(4, 24, n), [2]]) for n in rng.integers(40, 120, 200)]
+    stream = np.concatenate(docs).astype(np.uint8)
+    f = tmp_path / "s_train_000000.bin"
+    write_shard(f, stream)
+    T, W = 256, 2
+    ranks = [ContiguousStream([f], T, 64, rank=r, world_size=W) for r in range(W)]
+    for step in range(3):
+        for r, s in enumerate(ranks):
+            tokens, ids = s.next_batch()
+            start = step * W * T + r * T
+            assert np.array_equal(tokens, stream[start:start + T])
+            starts = np.flatnonzero(tokens == 0)
+            assert ids[0] == 0 and np.all(np.diff(ids) >= 0) and (ids >= 0).all()
+            assert all(ids[i] != ids[i - 1] for i in starts if i > 0)
+    saved = ranks[0].state_dict()
+    want = ranks[0].next_batch()
+    again = ContiguousStream([f], T, 64, rank=0, world_size=W)
+    again.load_state_dict(saved)
+    got = again.next_batch()
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    per_epoch = len(stream) // (W * T)
+    for _ in range(per_epoch):
+        again.next_batch()
+    assert again.epoch == 1  # the remainder is skipped and the data repeats in the same order

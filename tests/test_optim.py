@@ -155,3 +155,21 @@ def test_distributed_muon_shares_work_and_matches_one_rank(tmp_path, world):
     for r in range(world):
         for got, want in zip(results[r], ps):
             torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=0)
+
+
+def test_fused_qkv_orthogonalises_the_stacked_matrix():
+    """optimizer.fused_qkv (Dec-2024): q, k, v of a layer are one 3d x d matrix for Muon, lr x sqrt(3)."""
+    torch.manual_seed(0)
+    m = ProteinLM(make("model", dim=32, n_layers=2, n_heads=2))
+    (muon, _) = build_optimizers(m, make("optimizer", fused_qkv=True, momentum=0.0, nesterov=False, lr_hidden=0.1),
+                                 torch.device("cpu"))
+    attn = m.blocks[0].attn
+    before = [attn.q.weight.detach().clone(), attn.k.weight.detach().clone(), attn.v.weight.detach().clone()]
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    g = torch.cat([attn.q.weight.grad, attn.k.weight.grad, attn.v.weight.grad])
+    expected = -0.1 * 3 ** 0.5 * zeropower_via_newtonschulz5(g).float()
+    muon.step()
+    got = torch.cat([attn.q.weight.detach(), attn.k.weight.detach(), attn.v.weight.detach()]) - torch.cat(before)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert {len(t) for t in muon.param_groups[0]["fused_with"]} == {3} and len(muon.param_groups[0]["fused_with"]) == 2

@@ -303,3 +303,25 @@ def test_grad_clip_clips_the_global_gradient_norm(tiny_cfg, tmp_path, monkeypatc
     seen.clear()
     run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path / "noclip")
     assert all(c == 0 and after == pytest.approx(before, rel=1e-5) for c, before, after in seen)
+
+
+def test_the_dec2024_experiment_trains_as_dec2024_did(tiny_cfg, tmp_path):
+    """experiment=dec2024 at tiny size: contiguous batches, fused QKV for Muon, warmed-up Muon, no token
+    dropout, the 1023 -> 2048 window formula; it trains, and resumes onto the same stream."""
+    from conftest import typed
+    from speedrun.setup import window_at
+
+    cfg = typed(["experiment=dec2024", "model=unet_tiny", "hardware=cpu", "data=sample", "data.max_length=256",
+                 "hardware.micro_batch_tokens=1024", "train.batch_tokens=1024", "train.max_steps=4",
+                 "checkpoint.every_steps=2", "eval.every_steps=0", "eval.max_tokens=3000", "model.head=linear"])
+    assert cfg.data.packing == "stream" and cfg.optimizer.fused_qkv and cfg.optimizer.muon_warmup
+    assert not cfg.model.token_dropout
+    full = typed(["experiment=dec2024", "data=local", "data.path=/x"])
+    assert [window_at(full, s) for s in (0, 50000, 100000)] == [896, 1408, 2048]  # floor_128(1535.5) = 1408
+    summary = run(cfg, tmp_path / "a")
+    assert summary["status"] == "done" and summary["step"] == 4
+    (tmp_path / "a" / "summary.json").unlink()
+    import shutil
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "step-000004")
+    again = run(cfg, tmp_path / "a")
+    assert again["status"] == "done" and again["val_loss"] == summary["val_loss"]

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ..packing import max_docs, segment_bound
-from ..vocab import PAD
+from ..vocab import CLS, PAD
 from .shards import DataError, doc_bounds, empty_split_error, fingerprint, open_shard
 
 
@@ -293,6 +293,66 @@ class TrainStream(_DocCursor):
         self._plan(self.T, 0, plan)
         self._gather(plan, tokens, doc_ids, contiguous=True)
         return tokens, doc_ids
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while True:
+            yield self.next_batch()
+
+
+class ContiguousStream:
+    """Dec-2024's packing (data.packing=stream): no alignment to documents. Rank r of W takes the T
+    tokens [pos + r·T, pos + (r+1)·T) of the shard, pos advances by W·T, and the next shard starts when
+    fewer than W·T tokens are left (the rest is skipped); shards in file order, every epoch the same
+    (RECIPE.md §2, `DistributedDataLoader`). Documents are the runs between `<cls>` tokens, so a batch
+    starts and ends mid-document; no padding. Same interface and resumable cursor as TrainStream."""
+
+    def __init__(self, files: list[Path], tokens_per_batch: int, max_length: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if not files:
+            raise DataError("no training shards given: check data.path")
+        self.shards = Shards(files)
+        self.fingerprint = fingerprint(self.shards.files)
+        self.T, self.max_length, self.seed, self.rank, self.world = tokens_per_batch, max_length, seed, rank, world_size
+        self.max_docs, self.piece = max_docs(tokens_per_batch), tokens_per_batch
+        self.epoch, self.shard_pos, self.pos = 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "pos": self.pos, "world_size": self.world,
+                "n_files": len(self.shards), "fingerprint": self.fingerprint, "packing": "stream"}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("packing") != "stream" or state.get("fingerprint") != self.fingerprint:
+            raise DataError("the checkpoint's data cursor is not a data.packing=stream cursor over these shards: "
+                            "resume with the data and data.packing the run started with")
+        self.epoch, self.shard_pos, self.pos = int(state["epoch"]), int(state["shard_pos"]), int(state["pos"])
+
+    def current_file(self) -> Optional[Path]:
+        return self.shards.files[self.shard_pos] if self.shard_pos < len(self.shards) else None
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (T,) uint8, doc_ids (T,) int32: 0 for the tokens before the first <cls>, then one id
+        per <cls>)."""
+        span = self.world * self.T
+        for _ in range(2 * len(self.shards) + 1):
+            tokens = self.shards.get(self.shard_pos)[0]
+            if self.pos + span <= tokens.size:
+                break
+            self.pos, self.shard_pos = 0, self.shard_pos + 1
+            if self.shard_pos >= len(self.shards):
+                self.shard_pos, self.epoch = 0, self.epoch + 1
+        else:
+            raise DataError(f"data.packing=stream needs shards of at least {span:,} tokens ({self.world} rank(s) x "
+                            f"{self.T:,}): use fewer ranks, a smaller micro-batch or data.packing=documents")
+        start = self.pos + self.rank * self.T
+        chunk = np.array(tokens[start:start + self.T], dtype=np.uint8)
+        self.pos += span
+        starts = chunk == CLS
+        ids = np.cumsum(starts, dtype=np.int32) - (1 if starts[0] else 0)
+        if int(ids[-1]) + 1 > self.max_docs:
+            raise DataError(f"data.packing=stream: a batch of {self.shards.files[self.shard_pos].name} holds "
+                            f"{int(ids[-1]) + 1} documents, more than the attention kernels' {self.max_docs}: use "
+                            "data.packing=documents (or a larger micro-batch)")
+        return chunk, ids.astype(np.int32)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         while True:
