@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     fpt = summary["flops_per_token"]
     result = {
         "model": cfg.model.arch, "n_params": summary["n_params"], "device": summary["device"],
-        "attention": summary["attention"], "precision": cfg.hardware.precision, "fp8": cfg.hardware.fp8, "compile": cfg.hardware.compile,
+        "attention": summary["attention"], "attention_reason": summary.get("attention_reason"),
+        "precision": cfg.hardware.precision, "fp8": cfg.hardware.fp8, "triton_rope": cfg.hardware.triton_rope,
+        "crop": cfg.data.crop, "compile": cfg.hardware.compile,
         "compile_scope": cfg.hardware.compile_scope,
         "batch_tokens": batch, "micro_batch_tokens": summary["batch"]["micro_batch_tokens"],
         "grad_accum": summary["batch"]["grad_accum"], "world_size": summary["batch"]["world_size"],

@@ -9,6 +9,9 @@ same weights: once eager, once through the model compiled as the run would compi
 loss difference, the cosine between the full gradient vectors, and the smallest per-parameter cosine.
 Exits 1 when the losses differ by more than `parity.loss_tol` (default 2e-3, bf16) or the gradient
 cosine is below `parity.cos_tol` (default 0.999). Needs CUDA: on the CPU the trainer runs eager.
+
+`parity.eager_attention=varlen` runs the eager side on another attention back-end than the compiled
+side's (model.attention, auto: FA4 on Hopper): one call then checks compiled vs eager and FA4 vs FA2.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 def parse(argv: list[str]) -> tuple[list[str], dict]:
     from .__main__ import split_options
 
-    return split_options(argv, "parity", {"batches": 2, "loss_tol": 2e-3, "cos_tol": 0.999, "out": None})
+    return split_options(argv, "parity", {"batches": 2, "loss_tol": 2e-3, "cos_tol": 0.999, "out": None,
+                                          "eager_attention": None})
 
 
 def loss_and_grads(model, batch, backend_window, dtype) -> tuple[float, dict[str, torch.Tensor]]:
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ..data.loader import TrainStream
     from ..objectives import apply_objective, generator_for
     from ..models import build_model
-    from ..setup import compile_model, max_segment_len, seed_everything, window_at
+    from ..setup import compile_model, max_segment_len, seed_everything, window_at, window_binds
 
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -58,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed)
     eager = build_model(cfg.model, cfg.data.max_length).to(device)
     window = window_at(cfg, 0)
-    backend = eager.set_attention_backend(device, max_segment_len(cfg))
+    plan = (max_segment_len(cfg), window_binds(cfg), cfg.hardware.micro_batch_tokens, dtype)
+    backend = eager.set_attention_backend(device, *plan)
     # train a few random directions into the zero-initialised output matrices, so that every
     # gradient is non-trivial (at init the o/down matrices are zero and most gradients vanish)
     with torch.no_grad():
@@ -69,11 +74,17 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.hardware.fp8:
         eager.enable_fp8()
         fast.enable_fp8()
+    if opts["eager_attention"]:
+        eager.cfg = copy.deepcopy(eager.cfg)
+        eager.cfg.attention = opts["eager_attention"]
+        eager.set_attention_backend(device, *plan)
     compile_model(fast, cfg.hardware.compile_scope, cfg.hardware.memory_budget)
     stream = TrainStream(data_files(cfg.data, "train"), cfg.hardware.micro_batch_tokens, cfg.data.max_length,
                          cfg.data.seed)
     window_t = torch.tensor(window, dtype=torch.int32, device=device)
-    bw = window_t if backend == "flex" else window  # what make_context takes on this back-end
+
+    def bw(model):  # what make_context takes on this back-end
+        return window_t if model.attn_backend == "flex" else window
     rows = []
     for i in range(opts["batches"]):
         tok, did = stream.next_batch()
@@ -81,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         doc_ids = torch.from_numpy(did).to(device)
         m = apply_objective(cfg.objective, tokens, doc_ids, 0, generator_for(device, cfg.seed, i))
         batch = (m.inputs, doc_ids, m.labels, window_t)
-        le, ge = loss_and_grads(eager, batch, bw, dtype)
-        lf, gf = loss_and_grads(fast, batch, bw, dtype)
+        le, ge = loss_and_grads(eager, batch, bw(eager), dtype)
+        lf, gf = loss_and_grads(fast, batch, bw(fast), dtype)
         a = torch.cat([ge[n].flatten() for n in ge])
         b = torch.cat([gf[n].flatten() for n in ge])
         per = {n: float(torch.nn.functional.cosine_similarity(ge[n].flatten(), gf[n].flatten(), dim=0))
@@ -91,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"batch": i, "loss_eager": le, "loss_compiled": lf, "loss_diff": abs(le - lf),
                      "grad_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
                      "worst_param": worst, "worst_param_cosine": per[worst]})
-    res = {"attention": backend, "compile_scope": cfg.hardware.compile_scope, "fp8": cfg.hardware.fp8,
+    res = {"attention": backend, "eager_attention": eager.attn_backend, "compile_scope": cfg.hardware.compile_scope,
+           "fp8": cfg.hardware.fp8,
            "micro_batch_tokens": cfg.hardware.micro_batch_tokens, "batches": rows,
            "max_loss_diff": max(r["loss_diff"] for r in rows),
            "min_grad_cosine": min(r["grad_cosine"] for r in rows)}
