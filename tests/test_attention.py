@@ -112,7 +112,7 @@ def emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **_):
     return torch.cat(outs)
 
 
-def _grads_of(model, tokens, doc, labels):
+def _grads_of(model, tokens, doc, labels, dtype=torch.float32):
     """Loss, parameter gradients and the gradient reaching the input embeddings, per row."""
     from speedrun.objectives import dense_loss
 
@@ -123,7 +123,7 @@ def _grads_of(model, tokens, doc, labels):
         out.register_hook(lambda grad: seen.update(g=grad))
 
     hook = model.embed.register_forward_hook(keep_grad)
-    loss = dense_loss(model.logits(model(tokens, doc, 1024)), labels)
+    loss = dense_loss(model.logits(model(tokens, doc, 1024, dtype=dtype)), labels)
     loss.backward()
     hook.remove()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, seen["g"]
@@ -158,14 +158,23 @@ def test_padding_past_the_document_cap_gives_exact_gradients(where, monkeypatch)
     picked = torch.rand(real, generator=g) < 0.2
     labels[:real] = torch.where(picked, tokens[:real], torch.full_like(tokens[:real], IGNORE))
     tokens, labels = tokens.to(device), labels.to(device)
-    loss, grads, x_grad = _grads_of(model, tokens, doc, labels)
+    dtype = torch.bfloat16 if where == "cuda" else torch.float32  # the FlashAttention kernels are bf16/fp16
+    loss, grads, x_grad = _grads_of(model, tokens, doc, labels, dtype)
     model.attn_backend = "sdpa"  # the reference: the same documents without padding, exact attention
-    loss_ref, grads_ref, x_grad_ref = _grads_of(model, tokens[:real], doc[:real], labels[:real])
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    loss_ref, grads_ref, x_grad_ref = _grads_of(model, tokens[:real], doc[:real], labels[:real], dtype)
+    assert torch.equal(x_grad[real:], torch.zeros_like(x_grad[real:]))  # padding contributes exactly zero
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), f"{name}: non-finite gradient"
+    if where == "cuda":  # another kernel in bf16: the same gradients up to bf16 rounding
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-2, atol=1e-3)
+        for name, grad in grads.items():
+            if grads_ref[name].norm() > 0:
+                cos = torch.nn.functional.cosine_similarity(grad.flatten(), grads_ref[name].flatten(), dim=0)
+                assert cos > 0.999, (name, float(cos))
+        return
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert torch.equal(x_grad[real:], torch.zeros_like(x_grad[real:]))  # padding contributes exactly zero
     torch.testing.assert_close(x_grad[:real], x_grad_ref, rtol=1e-4, atol=1e-6)
 
 
