@@ -274,7 +274,7 @@ def rope_inputs(tokens: int, heads: int, head_dim: int, dtype: torch.dtype, devi
                 seed: int = 1) -> dict:
     """A (T, 3, H, D) QKV output (q and k are its strided views, as in Attention.forward), a value
     embedding, output gradients, and the model's RoPE tables."""
-    from ..model import Rotary
+    from ..models.unet import Rotary
 
     g = torch.Generator().manual_seed(seed)
     qkv, ve, gq, gk, gv = ((torch.randn(tokens, *shape, heads, head_dim, generator=g) * 2 + 0.3).to(device, dtype)
@@ -286,7 +286,7 @@ def rope_inputs(tokens: int, heads: int, head_dim: int, dtype: torch.dtype, devi
 
 def eager_pair(q: torch.Tensor, k: torch.Tensor, rope_tables) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's formula (speedrun.models.unet.Attention.forward)."""
-    from ..model import apply_rotary, norm
+    from ..models.unet import apply_rotary, norm
 
     return apply_rotary(norm(q), rope_tables), apply_rotary(norm(k), rope_tables)
 
