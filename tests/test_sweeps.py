@@ -74,7 +74,7 @@ def _search_corners(params) -> list[list[str]]:
 
 # ---------------------------------------------------------------------------------------- sweeps ----
 def test_there_are_the_named_sweeps():
-    assert {"tied_heads", "mlm_rates", "diffusion_schedules", "batch_scaling", "lr_search"} <= {p.stem for p in SWEEP_FILES}
+    assert {"tied_heads", "mlm_rates", "diffusion_schedules", "scaled_batches", "lr_search"} <= {p.stem for p in SWEEP_FILES}
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.stem for p in SWEEP_FILES])
@@ -124,7 +124,7 @@ def test_sweep_contents():
 
 
 def test_paired_and_search_sweep_contents():
-    pairs = [dict(o.split("=") for o in job) for job in sweep_jobs("batch_scaling")]
+    pairs = [dict(o.split("=") for o in job) for job in sweep_jobs("scaled_batches")]
     assert [(p["seed"], p["train.batch_tokens"]) for p in pairs] == [(s, b) for s in "01" for b in ("8192", "16384", "32768")]
     for p in pairs:  # a fixed token budget; every learning rate x sqrt(batch / 8192)
         batch = int(p["train.batch_tokens"])
@@ -323,14 +323,14 @@ def test_lr_search_names_the_fastest_trial(tmp_path):
 
 @pytest.mark.slow
 def test_paired_sweep_runs_the_pairs(tmp_path):
-    """sweep=batch_scaling (hydra-list-sweeper) with two tiny pairs: each run gets the i-th value of every
+    """sweep=scaled_batches (hydra-list-sweeper) with two tiny pairs: each run gets the i-th value of every
     list -- pairs, not their product -- and the report compares the pairs as arms."""
     from speedrun.report import report
 
     sweep = tmp_path / "pairs"
     pairs = ("{train.batch_tokens:[1024,2048],train.max_steps:[4,2],optimizer.lr_hidden:[0.05,0.0707],"
              "optimizer.lr_embed:[0.06,0.0849],optimizer.lr_head:[0.008,0.0113],optimizer.lr_scalar:[0.04,0.0566]}")
-    r = _launch(select("batch_scaling"), f"hydra.sweeper.list_params={pairs}", "hydra.sweeper.grid_params={seed:0}",
+    r = _launch(select("scaled_batches"), f"hydra.sweeper.list_params={pairs}", "hydra.sweeper.grid_params={seed:0}",
                 *TINY, f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr[-3000:]
     ran = {}
