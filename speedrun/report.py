@@ -183,8 +183,7 @@ def _sweeper_jobs(cfg, sweeper: str) -> dict[str, list[str]]:
         lists = OmegaConf.to_container(OmegaConf.select(cfg, "hydra.sweeper.list_params") or {})
         pairs = [[f"{k}={vals[i]}" for k, vals in lists.items()] for i in range(len(next(iter(lists.values()))))] \
             if lists else [[]]
-        return {str(i): [x for part in job for x in part]
-                for i, job in enumerate(itertools.product(*grid, pairs))}
+        return {str(i): [*job[:-1], *job[-1]] for i, job in enumerate(itertools.product(*grid, pairs))}
     if sweeper.endswith("BasicSweeper"):
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
