@@ -239,6 +239,15 @@ def test_detached_sweep_returns_at_once_and_status_follows_it(cluster, tmp_path)
     print(f"detached submit {submit_s:.1f}s, status --watch until done {status_s:.1f}s, report {report_s:.1f}s")
 
 
+def test_a_gpu_sweep_on_a_cluster_without_gpus_is_one_line(cluster, tmp_path):
+    r = _launch("-m", "hydra/launcher=slurm", "hardware=gpu", "hydra.launcher.detach=true", *TINY,
+                f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sbatch refused the sweep (") and "choose a partition with GPUs" in last, last
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_node_job(cluster, tmp_path, tiny_cfg):

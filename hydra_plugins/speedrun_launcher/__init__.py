@@ -103,6 +103,20 @@ class SpeedrunSlurmLauncher(SlurmLauncher):
         executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
         return executor
 
+    def _submit(self, executor, job_params: List[Any]) -> list:
+        """executor.map_array, with sbatch's refusal (no such partition, no GPUs there...) as one line."""
+        from submitit.core.utils import FailedJobError
+
+        try:
+            return executor.map_array(self, *zip(*job_params))
+        except FailedJobError as exc:
+            why = next((ln for ln in str(exc).splitlines() if ln.strip()), "no reason given")
+            gpus = executor.parameters.get("gpus_per_node")
+            hint = (f"it asked for {gpus} GPU(s) per node (hardware.gpus): choose a partition with GPUs "
+                    "(hydra.launcher.partition=...) or run hardware=cpu" if gpus else
+                    "check the launcher settings: python launch.py hydra/launcher=slurm --cfg hydra -p hydra.launcher")
+            _fail(f"sbatch refused the sweep ({why.strip()}); {hint}")
+
     def _check_detachable(self) -> None:
         sweeper = str(OmegaConf.select(self.config, "hydra.sweeper._target_", default="") or "")
         if not sweeper.endswith(RESULT_FREE_SWEEPERS):
@@ -128,7 +142,7 @@ class SpeedrunSlurmLauncher(SlurmLauncher):
         for idx, overrides in enumerate(job_overrides, initial_job_idx):
             print(f"\t#{idx} : {' '.join(filter_overrides(overrides))}", flush=True)
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-        jobs = executor.map_array(self, *zip(*job_params))
+        jobs = self._submit(executor, job_params)
         nums = range(initial_job_idx, initial_job_idx + len(jobs))
         record_submission(sweep_dir, [(n, j.job_id, list(o)) for n, j, o in zip(nums, jobs, job_overrides)],
                           detached=self.detach)
