@@ -6,7 +6,11 @@ imports Hydra. Only Hydra and the torch-free schema are imported at module level
 
 Exit codes: 0 when every run succeeded; 2 for a single run that stopped on a known error (one line on
 stderr); 1 for a local multirun in which any job failed -- the sweep goes on through all its jobs, then one
-line lists the failed job directories.
+line lists the failed job directories. A SLURM sweep with hydra.launcher.detach=true (our launcher presets,
+hydra_plugins/speedrun_launcher) exits 0 as soon as every job is submitted -- the job ids are in
+SWEEP_DIR/jobs.json, `python -m speedrun.status SWEEP_DIR` follows them -- and sbatch refusing the sweep is
+one line with exit code 2. An Optuna search (hydra/sweeper=optuna) minimises what each job returns:
+sweep_objective, see speedrun/task.py objective_value.
 """
 import os
 import sys

@@ -43,6 +43,8 @@ RESUME = ("auto", "never", "must")
 LOGGERS = ("auto", "none", "wandb")
 PROGRESS = ("auto", "bar", "plain")
 PACKINGS = ("documents", "stream")
+#: what a sweep job returns to its sweeper (an Optuna search minimises it): see speedrun.task.objective_value
+SWEEP_OBJECTIVES = ("val_loss", "time_to_target")
 SEED_LIMIT = 2**63
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -489,6 +491,9 @@ class RunConfig:
     resume: str = "auto"  # auto: continue from the run dir's newest checkpoint; never; must
     logger: str = "auto"  # auto: W&B when WANDB_API_KEY is set | none | wandb
     init_from: Optional[str] = None  # start from these weights: an export, run dir, or (ESM-2) a hub id / HF folder
+    # what the job returns to a sweeper (Optuna minimises it): val_loss (final) | time_to_target (train seconds
+    # to target_loss; runs that miss it rank after every run that reached it, closest first)
+    sweep_objective: str = "val_loss"
 
 
 @dataclass
@@ -516,6 +521,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             check()
     _choice(cfg.resume, RESUME, "resume")
     _choice(cfg.logger, LOGGERS, "logger")
+    _choice(cfg.sweep_objective, SWEEP_OBJECTIVES, "sweep_objective")
+    if cfg.sweep_objective == "time_to_target" and cfg.target_loss is None:
+        raise ConfigError("sweep_objective=time_to_target needs target_loss=LOSS (the validation loss to reach)")
     _seed(cfg.seed, "seed")
     if not _NAME_RE.match(cfg.name) or ".." in cfg.name:
         raise ConfigError(f"name={cfg.name!r} must be a plain name (letters, digits, '_', '-', '.'; no '/' or "
@@ -677,7 +685,8 @@ def register_schema() -> None:
 
 
 # ================================== run identity: "the same run" ===================================
-NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "hardware.num_threads", "hardware.triton_rope",
+NON_SEMANTIC = ("resume", "dry_run", "logger", "log", "name", "sweep_objective", "hardware.num_threads",
+                "hardware.triton_rope",
                 "hardware.compile_warmup_steps", "hardware.compile", "hardware.compile_scope",
                 "hardware.memory_budget", "data.prefetch", "checkpoint.keep_last", "checkpoint.every_steps",
                 "checkpoint.every_minutes", "checkpoint.final", "model.attention")

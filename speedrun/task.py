@@ -20,9 +20,11 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,9 +62,10 @@ def _global_rank() -> int:
 
 
 def _under_submitit(hc) -> bool:
-    """This Hydra job runs as a submitit job (SLURM, or submitit's local executor)."""
+    """This Hydra job runs as a submitit job (SLURM, or submitit's local executor; our SLURM launcher,
+    hydra_plugins/speedrun_launcher, is submitit's)."""
     target = str(OmegaConf.select(hc, "launcher._target_", default="") or "")
-    return "submitit" in target or "SUBMITIT_FOLDER" in os.environ
+    return "submitit" in target or "speedrun_launcher" in target or "SUBMITIT_FOLDER" in os.environ
 
 
 def _torchrun() -> bool:
@@ -163,13 +166,20 @@ def _cleanup_dist() -> None:
 
 
 def _world_size(typed, hc) -> int:
-    """Total ranks of this run: torchrun's WORLD_SIZE, else hardware.gpus x nodes (SLURM's node count
-    inside a submitit job, hydra.launcher.nodes otherwise, 1 locally)."""
+    """Total ranks of this run: torchrun's WORLD_SIZE, else hardware.gpus x hardware.nodes. A SLURM job must
+    hold hardware.nodes nodes (our launcher presets ask for them); without SLURM, more than one node cannot
+    run here -- but a dry run plans its batch all the same (a login node checking a multi-node config)."""
     if _torchrun():
         return int(os.environ["WORLD_SIZE"])
-    nodes = os.environ.get("SLURM_NNODES") if _under_submitit(hc) else None
-    nodes = nodes or OmegaConf.select(hc, "launcher.nodes", default=None) or 1
-    return typed.hardware.gpus * int(nodes)
+    nodes = typed.hardware.nodes
+    allocated = os.environ.get("SLURM_NNODES") if _under_submitit(hc) else None
+    if allocated is not None and int(allocated) != nodes:
+        raise ConfigError(f"the SLURM job has {allocated} node(s) but hardware.nodes={nodes}: set "
+                          "hydra.launcher.nodes=${hardware.nodes} (our presets do) or hardware.nodes=" + allocated)
+    if allocated is None and nodes > 1 and not typed.dry_run:
+        raise ConfigError(f"hardware.nodes={nodes} needs {nodes} machines: submit it to SLURM (-m hydra/launcher="
+                          f"slurm ...), or use hardware.nodes=1 here (dry_run=true plans the {nodes}-node batch)")
+    return typed.hardware.gpus * nodes
 
 
 def _share_run_dir(typed, run_dir: Path, hc) -> Path:
@@ -275,13 +285,16 @@ def run_task(cfg: DictConfig):
 
     from .dist import RankFailed, one_line
     from .errors import SpeedrunError
-    from .train import run
 
     if _global_rank() == 0 and not typed.dry_run:
         write_hydra_files(run_dir, cfg, hc)
         write_reproduce(run_dir, to_dict(typed), replace=typed.resume == "must" and _config_changed(run_dir, typed))
+    if submitit and _global_rank() == 0:
+        from .status import mark_run_dir
+
+        mark_run_dir(run_dir)  # for `python -m speedrun.status`: this job's run directory
     try:
-        summary = run(typed, run_dir)
+        summary = _train(typed, run_dir)
     except RankFailed as exc:  # a spawned rank: one line here, its traceback in the run directory's log
         log = run_dir / f"{hc.job.name}.log"
         with open(log, "a") as f:
@@ -300,8 +313,68 @@ def run_task(cfg: DictConfig):
         print(f"run directory: {run_dir}")
         keys = ("status", "val_loss", "val_loss_stderr", "unigram_loss", "val_ppl", "val_accuracy", "tokens_per_s",
                 "train_seconds")
+        if summary.get("status") == "dry_run":
+            keys = ("status", "n_params", "estimated_memory_gib", "peak_memory_gib")
         print("summary: " + ", ".join(f"{k}={_fmt(summary.get(k))}" for k in keys if k in summary), flush=True)
-    return summary.get("val_loss") if summary else None
+        if summary.get("status") == "dry_run":
+            b = summary.get("batch") or {}
+            print(f"batch: {b.get('batch_tokens'):,} tokens/step = {b.get('micro_batch_tokens'):,} tokens x "
+                  f"{b.get('grad_accum')} micro-steps x {b.get('world_size')} rank(s) ({typed.hardware.gpus} GPU(s) x "
+                  f"{typed.hardware.nodes} node(s))" + (f"\nnote: {summary['device_note']}" if summary.get("device_note")
+                                                        else ""), flush=True)
+    return objective_value(typed, summary)
+
+
+def _train(typed, run_dir: Path) -> dict:
+    """speedrun.train.run, except where it would spawn local ranks (hardware.gpus > 1): a dry run plans
+    every rank in this one process instead (setup.build counts hardware.gpus x nodes), so a login node
+    checks an 8-GPU config without 8 processes or 8 GPUs; and a GPU run on a machine without a GPU stops
+    here in one line, before N ranks are started only to say so N times."""
+    from . import dist as D
+    from .train import run, train
+
+    if typed.hardware.gpus > 1 and D.detect_mode(typed.hardware.gpus) == "spawn":
+        if typed.dry_run:
+            info = D.init(typed.hardware.device, "single", dry_run=True)
+            try:
+                return train(typed, run_dir, info)
+            finally:
+                D.cleanup()
+        D.pick_device(typed.hardware.device, 0)  # DeviceError when hardware.device=cuda finds no GPU
+    return run(typed, run_dir)
+
+
+#: time_to_target of a run that never reached target_loss: larger than any real time, plus its best
+#: validation loss, so a miss ranks after every hit and closer misses first (Optuna minimises it)
+NOT_REACHED_S = 1e9
+
+
+def objective_value(typed, summary: Optional[dict]) -> Optional[float]:
+    """What this job returns to its sweeper, by sweep_objective (speedrun/config.py): the final val_loss, or
+    the train seconds to target_loss. None for a run without a result (failed, dry run): an Optuna sweeper
+    marks that trial failed."""
+    if not summary or summary.get("status") != "done":
+        return None
+    if typed.sweep_objective == "time_to_target":
+        hit = summary.get("target") or {}
+        if hit.get("train_seconds") is not None:
+            return float(hit["train_seconds"])
+        best = summary.get("best_val_loss", summary.get("val_loss"))
+        return NOT_REACHED_S + (float(best) if best is not None else NOT_REACHED_S)
+    return summary.get("val_loss")
+
+
+class BestTrial(Callback):
+    """Hydra callback (hydra.callbacks in sweeps/sweep/lr_search.yaml): after a search, one line naming the
+    best trial's run directory, its objective and its parameters (from Optuna's optimization_results.yaml)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from .report import best_trial
+
+        best = best_trial(Path(str(config.hydra.sweep.dir)))
+        if best:
+            print(f"best trial: {best['run_dir'] or 'job ?'} {config.get('sweep_objective', 'objective')}="
+                  f"{best['value']:.6g} with " + " ".join(f"{k}={v}" for k, v in best["params"].items()), flush=True)
 
 
 def _config_changed(run_dir: Path, typed) -> bool:

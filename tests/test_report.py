@@ -132,7 +132,7 @@ def test_cli(sweep, tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "| rank | run |" in r.stdout and "$12.00" in r.stdout  # 8 GPU-hours x $1.5
-    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"leaderboard.md", "leaderboard.csv",
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"leaderboard.md", "leaderboard.csv", "arms.csv",
                                                               "loss_vs_tokens.png", "loss_vs_time.png"}
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -159,3 +159,147 @@ def test_wall_seconds_of_a_run_exclude_earlier_runs_in_the_same_process(tiny_cfg
     second = run(tiny_cfg("train.max_steps=2", "checkpoint.final=false"), tmp_path / "second")
     elapsed = time.time() - t0
     assert second["wall_seconds"] <= elapsed + 0.5, (second["wall_seconds"], elapsed)
+
+
+# ---- knobs from each run's own config, arms and seeds, results folders (issue 16) --------------------
+def _config_run(d: Path, *, rate: float, seed: int, val: float, stderr: float = 0.01, status: str = "done",
+                via: str = "run.json", overrides: str | None = None, extra: dict | None = None) -> None:
+    """A run folder as the results page keeps it: run.json (or reproduce.yaml), summary.json, metrics.jsonl."""
+    d.mkdir(parents=True)
+    cfg = {"model": {"arch": "unet", "dim": 64}, "objective": {"name": "mlm", "mask_rate": rate}, "seed": seed,
+           "train": {"max_steps": 30}, **(extra or {})}
+    if via == "run.json":
+        (d / "run.json").write_text(json.dumps({"signature": "x", "config": cfg}))
+    else:
+        import yaml
+
+        full = {"defaults": ["schema", "_self_"], **cfg, "name": d.name, "log": {"progress": d.name},
+                "hardware": {"compile": d.name == "0"}, "hydra": {"run": {"dir": "x"}}}
+        (d / "reproduce.yaml").write_text(yaml.safe_dump(full))
+    if overrides is not None:
+        (d / ".hydra").mkdir()
+        (d / ".hydra" / "overrides.yaml").write_text(overrides)
+    rows = [{"step": s, "tokens": s * 100, "train_seconds": s * 1.0, "train_loss": 3.5 - s * 0.01} for s in (10, 20, 30)]
+    rows[-1]["val_loss"] = val
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({"status": status, "val_loss": val if status == "done" else None,
+                                                "val_loss_stderr": stderr, "step": 30, "tokens": 3000,
+                                                "batch": {"world_size": 1, "batch_tokens": 100}}))
+
+
+def test_knobs_come_from_each_runs_own_config(tmp_path):
+    """Not from .hydra/overrides.yaml (a re-issued sweep may have matched runs by identity in another order),
+    and settings that do not change what is trained (name, log, hardware.compile) are no knobs."""
+    root = tmp_path / "sweep"
+    _config_run(root / "0", rate=0.2, seed=0, val=2.9, overrides="- objective.mask_rate=0.3\n")
+    _config_run(root / "1", rate=0.3, seed=0, val=2.8, overrides="- objective.mask_rate=0.2\n", via="reproduce.yaml")
+    _config_run(root / "2", rate=0.3, seed=1, val=2.85, via="reproduce.yaml")
+    from speedrun.report import build_rows, load_runs
+
+    rows, columns = build_rows(load_runs(root))
+    assert [c for c in columns if "." in c or c == "seed"] == ["objective.mask_rate", "seed"]
+    assert {r["run"]: (r["objective.mask_rate"], r["seed"]) for r in rows} == \
+        {"0": ("0.2", "0"), "1": ("0.3", "0"), "2": ("0.3", "1")}
+
+
+@pytest.fixture
+def arms_sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for i, (rate, seed, val, se) in enumerate([(0.2, 0, 2.90, 0.01), (0.2, 1, 2.92, 0.01), (0.3, 0, 2.80, 0.01),
+                                               (0.3, 1, 2.84, 0.01), (0.4, 0, 2.95, 0.02)]):
+        _config_run(root / str(i), rate=rate, seed=seed, val=val, stderr=se)
+    _config_run(root / "5", rate=0.4, seed=1, val=9.9, status="failed")  # not a result: no arm counts it
+    return root
+
+
+def test_arms_seeds_and_differences_from_the_baseline(arms_sweep, tmp_path):
+    res = report(arms_sweep, out=tmp_path / "out")
+    arms = {a["objective.mask_rate"]: a for a in res["arms"]}
+    a2, a3, a4 = arms["0.2"], arms["0.3"], arms["0.4"]
+    assert (a2["n_seeds"], a2["seeds"], a4["n_seeds"]) == (2, "0,1", 1)
+    assert a2["val_loss_mean"] == pytest.approx(2.91) and a2["seed_std"] == pytest.approx(0.0141421, rel=1e-4)
+    assert a2["seed_sem"] == pytest.approx(0.01) and a2["se"] == pytest.approx(0.01) and a2["se_from"] == "seeds (n=2)"
+    assert a2["val_loss_stderr"] == pytest.approx(0.01 * 2 ** 0.5 / 2)  # mask-sampling se of the arm's mean
+    assert a4["seed_std"] is None and a4["se"] == pytest.approx(0.02) and a4["se_from"] == "val_loss_stderr"
+    assert a2["baseline"] and "diff" not in a2  # the first arm by default
+    assert a3["diff"] == pytest.approx(-0.09) and a3["diff_se"] == pytest.approx((0.02 ** 2 + 0.01 ** 2) ** 0.5)
+    assert a4["diff"] == pytest.approx(0.04) and a4["diff_se"] == pytest.approx((0.02 ** 2 + 0.01 ** 2) ** 0.5)
+    assert a4["diff_se_from"] == "arm: val_loss_stderr; baseline: seeds (n=2)"
+    md = res["markdown"].read_text()
+    assert "## Arms" in md and "### Difference from the baseline: objective.mask_rate=0.2 (the first arm)" in md
+    assert "| objective.mask_rate=0.3 | -0.0900 | 0.0224 | -4.02 |" in md
+    with open(tmp_path / "out" / "arms.csv") as f:
+        table = {r["arm"]: r for r in csv.DictReader(f)}
+    assert float(table["objective.mask_rate=0.3"]["diff"]) == pytest.approx(-0.09)
+    assert table["objective.mask_rate=0.2"]["baseline"] == "True"
+
+    res = report(arms_sweep, out=tmp_path / "out", baseline=["objective.mask_rate=0.30"])  # spelt otherwise
+    arms = {a["objective.mask_rate"]: a for a in res["arms"]}
+    assert arms["0.3"]["baseline"] and arms["0.2"]["diff"] == pytest.approx(0.09)
+    assert "--baseline objective.mask_rate=0.30" in res["markdown"].read_text()
+
+
+def test_bad_baselines_are_one_line(arms_sweep):
+    from speedrun.errors import SpeedrunError
+
+    with pytest.raises(SpeedrunError, match="the arms do not differ in model.dim; they differ in objective.mask_rate"):
+        report(arms_sweep, baseline=["model.dim=64"])
+    with pytest.raises(SpeedrunError, match=r"no finished arm has it \(values there: 0.2, 0.3, 0.4\)"):
+        report(arms_sweep, baseline=["objective.mask_rate=0.5"])
+    r = subprocess.run([sys.executable, "-m", "speedrun.report", str(arms_sweep), "--baseline", "nokey"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --baseline nokey") and len(r.stderr.splitlines()) == 1
+
+
+def test_a_results_folder_of_four_files_per_run(tiny_cfg, tmp_path):
+    """The results page keeps summary.json, metrics.jsonl, run.json and reproduce.yaml per run, nothing else
+    (no checkpoints, no .hydra/): the report reads the same, and leaderboard.md names the command that
+    writes it again."""
+    import shutil
+
+    from speedrun.config import to_dict
+    from speedrun.task import write_reproduce
+    from speedrun.train import run
+
+    results = tmp_path / "results" / "tied"
+    for seed, tie in ((0, "true"), (1, "true"), (0, "false")):
+        cfg = tiny_cfg("train.max_steps=2", f"seed={seed}", f"model.tie_embeddings={tie}")
+        d = tmp_path / "runs" / f"{tie}{seed}"
+        run(cfg, d)
+        write_reproduce(d, to_dict(cfg))
+        (results / d.name).mkdir(parents=True)
+        for name in ("summary.json", "metrics.jsonl", "run.json", "reproduce.yaml"):
+            shutil.copy(d / name, results / d.name / name)
+    out = tmp_path / "page"
+    res = report(results, out=out, baseline=["model.tie_embeddings=false"])
+    assert {r["status"] for r in res["rows"]} == {"done"} and len(res["rows"]) == 3
+    assert {a["arm"]: a["n_seeds"] for a in res["arms"]} == {"model.tie_embeddings=True": 2,
+                                                             "model.tie_embeddings=False": 1}
+    md = res["markdown"].read_text()
+    cmd = next(line for line in md.splitlines() if line.startswith("- regenerate:")).split("`")[1]
+    assert cmd == f"python -m speedrun.report {results} --baseline model.tie_embeddings=false --out {out}"
+    import shlex
+
+    args = shlex.split(cmd)
+    assert subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, timeout=120).returncode == 0
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("- regenerate:")]  # noqa: E731
+    assert strip((out / "leaderboard.md").read_text()) == strip(md)
+
+
+def test_a_running_and_partly_failed_sweep(tmp_path):
+    """While a sweep runs (or after some jobs failed) the report works and says which runs are missing."""
+    from speedrun.status import record_submission
+
+    root = tmp_path / "sweep"
+    _config_run(root / "0", rate=0.2, seed=0, val=2.9)
+    _config_run(root / "1", rate=0.3, seed=0, val=2.8, status="running")
+    _config_run(root / "2", rate=0.4, seed=0, val=2.7, status="failed")
+    record_submission(root, [(n, f"9_{n}", [f"objective.mask_rate={r}"]) for n, r in enumerate((0.2, 0.3, 0.4, 0.5))],
+                      detached=True)
+    res = report(root)
+    assert {r["run"]: r["status"] for r in res["rows"]} == {"0": "done", "1": "running", "2": "failed", "3": "missing"}
+    assert {r["run"]: r["objective.mask_rate"] for r in res["rows"]}["3"] == "0.5"  # from the job's overrides
+    md = res["text"]
+    assert f"missing (never started): 3 - re-issue the sweep with hydra.sweep.dir={root}" in md
+    assert "still running: 1" in md and "failed: 2" in md
+    assert [a["arm"] for a in res["arms"]] == ["objective.mask_rate=0.2"]  # only finished runs make arms

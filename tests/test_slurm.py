@@ -255,16 +255,16 @@ def _ddp_rank_weights(cfg, run_dir: str, out_dir: str):
 
     import torch
 
+    import speedrun.setup as S
     import speedrun.train as T
 
-    made = []
+    made, build = [], S.build_model
 
-    class Recording(T.ProteinLM):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
+    def recording(*a, **k):  # the trainer builds its model through speedrun.setup (setup.build)
+        made.append(build(*a, **k))
+        return made[-1]
 
-    T.ProteinLM = Recording
+    S.build_model = recording
     T.run(cfg, run_dir)
     torch.save({k: v.detach().clone() for k, v in made[0].state_dict().items()},
                os.path.join(out_dir, f"weights{os.environ['RANK']}.pt"))

@@ -48,19 +48,33 @@ def _diffusion_missing() -> str | None:
 
 
 def sweep_jobs(name: str) -> list[list[str]]:
-    """Every job's overrides, expanded from the sweep file exactly as Hydra's BasicSweeper does it."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """Every job's overrides, expanded from the sweep file as its sweeper does it (the grid of the
+    BasicSweeper, the pairs x grid of the ListSweeper); for an Optuna search, the two corners of its space."""
+    from omegaconf import open_dict
+
+    from speedrun.report import _sweeper_jobs
 
     cfg = compose([select(name)], return_hydra=True)
-    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
-    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
-    return batch
+    target = cfg.hydra.sweeper._target_
+    if target.endswith("OptunaSweeper"):
+        return _search_corners(cfg.hydra.sweeper.params)
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = []  # the file's own jobs, without `sweep=NAME`
+    return list(_sweeper_jobs(cfg, target).values())
+
+
+def _search_corners(params) -> list[list[str]]:
+    """[lowest, highest] point of an Optuna search space (first and last choice of a categorical)."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    dists, _ = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
+    ends = [(d.choices[0], d.choices[-1]) if hasattr(d, "choices") else (d.low, d.high) for d in dists.values()]
+    return [[f"{k}={e[i]}" for k, e in zip(dists, ends)] for i in (0, 1)]
 
 
 # ---------------------------------------------------------------------------------------- sweeps ----
 def test_there_are_the_named_sweeps():
-    assert {"tied_heads", "mlm_rates", "diffusion_schedules"} <= {p.stem for p in SWEEP_FILES}
+    assert {"tied_heads", "mlm_rates", "diffusion_schedules", "scaled_batches", "lr_search"} <= {p.stem for p in SWEEP_FILES}
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.stem for p in SWEEP_FILES])
@@ -70,7 +84,7 @@ def test_sweep_file_is_a_global_multirun_with_a_name_and_a_question(path):
     assert "Question:" in text, "each sweep says which question it answers"
     raw = OmegaConf.load(path)
     assert raw.name == path.stem, "outputs land under outputs/sweeps/<name>/: name the sweep after its file"
-    assert raw.hydra.mode == "MULTIRUN" and len(raw.hydra.sweeper.params) >= 1
+    assert raw.hydra.mode == "MULTIRUN" and len(raw.hydra.sweeper.get("params") or raw.hydra.sweeper.list_params) >= 1
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.stem for p in SWEEP_FILES])
@@ -107,6 +121,28 @@ def test_sweep_contents():
     arms = [job[0] for job in sweep_jobs("diffusion_schedules")]
     assert arms[:2] == ["+diffusion_schedule=mlm", "+diffusion_schedule=diffusion"]
     assert len(arms) >= 5 and all(a.startswith("+diffusion_schedule=mlm_to_diffusion_") for a in arms[2:])
+
+
+def test_paired_and_search_sweep_contents():
+    pairs = [dict(o.split("=") for o in job) for job in sweep_jobs("scaled_batches")]
+    assert [(p["seed"], p["train.batch_tokens"]) for p in pairs] == [(s, b) for s in "01" for b in ("8192", "16384", "32768")]
+    for p in pairs:  # a fixed token budget; every learning rate x sqrt(batch / 8192)
+        batch = int(p["train.batch_tokens"])
+        assert batch * int(p["train.max_steps"]) == 8192 * 600
+        for key, base in (("lr_hidden", 0.05), ("lr_embed", 0.06), ("lr_head", 0.008), ("lr_scalar", 0.04)):
+            assert float(p[f"optimizer.{key}"]) == pytest.approx(base * (batch / 8192) ** 0.5, rel=2e-3)
+    cfg = compose([select("lr_search")], return_hydra=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "minimize"
+    assert cfg.sweep_objective == "time_to_target" and cfg.target_loss is not None and cfg.train.stop_at_target
+    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr_hidden", "optimizer.lr_embed", "optimizer.lr_warmup_steps",
+                                             "optimizer.momentum_warmup_steps"}
+
+
+def test_the_sweeper_plugins_register_through_hydra_discovery():
+    r = _launch("--info", "plugins")
+    assert r.returncode == 0, r.stderr
+    for name in ("OptunaSweeper", "ListSweeper", "SpeedrunSlurmLauncher", "SlurmLauncher"):
+        assert name in r.stdout, name
 
 
 def test_diffusion_sweep_uses_the_lead_s_objective_names():
@@ -252,3 +288,57 @@ def test_reissued_sweep_with_other_settings_does_not_reuse_results(tiny_cfg, tmp
     run(tiny_cfg("train.max_steps=2"), tmp_path)
     with pytest.raises(FolderError, match=r"finished run with a different config \(model.tie_embeddings\)"):
         run(tiny_cfg("train.max_steps=2", "model.tie_embeddings=true"), tmp_path)
+
+
+# ------------------------------------------------------------------------ sweeps that are not grids ----
+@pytest.mark.slow
+def test_lr_search_names_the_fastest_trial(tmp_path):
+    """sweep=lr_search with 3 Optuna trials of the tiny model, locally: every trial returns its train seconds
+    to the target (sweep_objective=time_to_target), and the search ends naming the best trial's run."""
+    from speedrun.report import best_trial, report
+
+    sweep = tmp_path / "search"
+    r = _launch(select("lr_search"), "hydra.sweeper.n_trials=3", *TINY, "train.max_steps=6", "eval.every_steps=2",
+                "target_loss=3.45", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert sorted(summaries) == ["0", "1", "2"] and all(s["status"] == "done" for s in summaries.values())
+
+    def objective(s):  # what each job returned to Optuna (speedrun.task.objective_value)
+        from speedrun.task import NOT_REACHED_S
+
+        hit = s.get("target") or {}
+        return hit["train_seconds"] if hit.get("train_seconds") is not None else NOT_REACHED_S + s["best_val_loss"]
+
+    fastest = min(summaries, key=lambda n: objective(summaries[n]))
+    best = best_trial(sweep)
+    assert best["run_dir"] == sweep / fastest and best["value"] == pytest.approx(objective(summaries[fastest]))
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("best trial:"))
+    assert line.startswith(f"best trial: {sweep / fastest} time_to_target=") and "optimizer.lr_hidden=" in line
+    overrides = (sweep / fastest / ".hydra" / "overrides.yaml").read_text()
+    assert all(f"{k}={v}" in overrides for k, v in best["params"].items())
+    md = report(sweep)["text"]
+    assert f"best trial (Optuna): `{fastest}`" in md and "optimizer.lr_hidden" in md  # a searched knob is a column
+
+
+@pytest.mark.slow
+def test_paired_sweep_runs_the_pairs(tmp_path):
+    """sweep=scaled_batches (hydra-list-sweeper) with two tiny pairs: each run gets the i-th value of every
+    list -- pairs, not their product -- and the report compares the pairs as arms."""
+    from speedrun.report import report
+
+    sweep = tmp_path / "pairs"
+    pairs = ("{train.batch_tokens:[1024,2048],train.max_steps:[4,2],optimizer.lr_hidden:[0.05,0.0707],"
+             "optimizer.lr_embed:[0.06,0.0849],optimizer.lr_head:[0.008,0.0113],optimizer.lr_scalar:[0.04,0.0566]}")
+    r = _launch(select("scaled_batches"), f"hydra.sweeper.list_params={pairs}", "hydra.sweeper.grid_params={seed:0}",
+                *TINY, f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ran = {}
+    for p in sorted(sweep.glob("*/run.json")):
+        c = json.loads(p.read_text())["config"]
+        ran[p.parent.name] = (c["train"]["batch_tokens"], c["train"]["max_steps"], c["optimizer"]["lr_hidden"])
+    assert ran == {"0": (1024, 4, 0.05), "1": (2048, 2, 0.0707)}
+    res = report(sweep, baseline=["train.batch_tokens=1024"])
+    assert [r["status"] for r in res["rows"]] == ["done", "done"]  # and no job of the sweep is missing
+    (other,) = [a for a in res["arms"] if not a["baseline"]]
+    assert other["train.batch_tokens"] == "2048" and other["diff_se"] > 0

@@ -10,6 +10,9 @@
 #                       without it everything still works but each poll logs "Bypassing sacct error")
 #   SLURM_CRED_EXPIRE   AuthInfo cred_expire (s); also how long a requeued job waits before restarting
 #                       (Slurm default 120; 10 here)
+#   SLURM_VIRTUAL_NODES number of extra nodes in partition `multi` (default 2; 0: none), each its own slurmd
+#                       on this host (`slurmd -N vnodeK`, port 6830+K, 1 CPU): multi-node jobs (--nodes=2)
+#                       run for real -- one task per node, MASTER_ADDR = the first node -- on one machine
 # Re-running it restarts slurmctld/slurmd with the new slurm.conf (they kill the PID in their PID file).
 set -euo pipefail
 now() { date +%s.%N; }
@@ -26,8 +29,10 @@ fi
 T1=$(now)
 
 HOST=$(hostname -s)
-# the node name must resolve: slurmd/srun use it, and submitit's TorchDistributedEnvironment sets MASTER_ADDR to it
-getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >> /etc/hosts
+VNODES=${SLURM_VIRTUAL_NODES:-2}
+VNAMES=""; for k in $(seq 1 "$VNODES"); do VNAMES="$VNAMES vnode$k"; done
+# node names must resolve: slurmd/srun use them, and submitit's TorchDistributedEnvironment sets MASTER_ADDR to one
+for n in "$HOST" $VNAMES; do getent hosts "$n" >/dev/null || echo "127.0.0.1 $n" >> /etc/hosts; done
 CPUS=$(nproc)
 MEM=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 MEM=$(( MEM > 1024 ? MEM - 512 : MEM ))   # head-room: a node that reports less than configured is DRAINED
@@ -45,7 +50,16 @@ munge -n | unmunge >/dev/null
 T2=$(now)
 
 # ---- slurm.conf (written before slurmdbd/sacctmgr: without it they try a DNS SRV lookup and fail) ----
-mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+mkdir -p /etc/slurm /var/spool/slurmctld /var/log/slurm
+for n in "$HOST" $VNAMES; do mkdir -p "/var/spool/slurmd/$n"; done
+VNODE_CONF=""; VNODE_PART=""
+if [ "$VNODES" -gt 0 ]; then
+  for k in $(seq 1 "$VNODES"); do
+    VNODE_CONF="${VNODE_CONF}NodeName=vnode$k NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=$((6829 + k)) CPUs=1 RealMemory=2048 State=UNKNOWN
+"
+  done
+  VNODE_PART="PartitionName=multi Nodes=$(echo $VNAMES | tr ' ' ',') Default=NO MaxTime=INFINITE State=UP"
+fi
 if [ "$WITH_DBD" = 1 ]; then
   ACCT="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
@@ -64,11 +78,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-10}
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
 SlurmctldPort=6817
 SlurmdPort=6818
 MailProg=/bin/true
@@ -95,8 +109,9 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
-PartitionName=high  Nodes=ALL Default=NO  MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+${VNODE_CONF}PartitionName=debug Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=high  Nodes=${HOST} Default=NO  MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+${VNODE_PART}
 CONF
 
 # ---- optional accounting: MariaDB + slurmdbd ----
@@ -133,15 +148,21 @@ fi
 T3=$(now)
 
 # ---- slurmctld + slurmd ----
+# a slurmd of an earlier version of this script (one PID file for one node) would hold port 6818
+if [ -s /run/slurmd.pid ] && [ "$(cat /proc/$(cat /run/slurmd.pid)/comm 2>/dev/null)" = slurmd ]; then
+  kill "$(cat /run/slurmd.pid)"; sleep 1
+fi
+rm -f /run/slurmd.pid
 slurmctld -c        # -c: start with a clean job queue; daemonizes; PID in /run/slurmctld.pid
-slurmd              # daemonizes; PID in /run/slurmd.pid
+for n in "$HOST" $VNAMES; do slurmd -N "$n"; done   # each daemonizes; PID in /run/slurmd-<node>.pid
 st=
 for i in $(seq 120); do
   st=$(sinfo -h -p debug -o %T 2>/dev/null | head -1 || true)
-  [ "$st" = "idle" ] && break
+  vst=$( [ "$VNODES" -gt 0 ] && sinfo -h -p multi -o %T 2>/dev/null | sort -u | tr '\n' ' ' || echo "idle ")
+  [ "$st" = "idle" ] && [ "$vst" = "idle " ] && break
   sleep 0.25
 done
 T4=$(now)
 sinfo
 awk -v a=$T0 -v b=$T1 -v c=$T2 -v d=$T3 -v e=$T4 'BEGIN{printf "slurm start-up: apt %.1fs, munge %.1fs, dbd %.1fs, ctld+slurmd %.1fs, total %.1fs\n", b-a, c-b, d-c, e-d, e-a}'
-[ "$st" = "idle" ] || { echo "node not idle: $st" >&2; tail -20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2; exit 1; }
+[ "$st" = "idle" ] || { echo "node not idle: $st" >&2; tail -20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd-*.log >&2; exit 1; }

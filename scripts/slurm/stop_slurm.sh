@@ -5,7 +5,8 @@
 if command -v squeue >/dev/null && squeue -h >/dev/null 2>&1; then
   jobs=$(squeue -h -o %i); [ -n "$jobs" ] && scancel $jobs && sleep 2
 fi
-for pair in /run/slurmd.pid:slurmd /run/slurmctld.pid:slurmctld /run/slurmdbd.pid:slurmdbd \
+for pair in $(for f in /run/slurmd-*.pid; do [ -e "$f" ] && echo "$f:slurmd"; done) \
+            /run/slurmd.pid:slurmd /run/slurmctld.pid:slurmctld /run/slurmdbd.pid:slurmdbd \
             /run/mysqld/mysqld.pid:mariadbd /run/munge/munged.pid:munged; do
   f=${pair%%:*}; name=${pair##*:}
   [ -s "$f" ] || continue
