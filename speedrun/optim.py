@@ -122,6 +122,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, keep: Optional[torch.Tensor] = None):
+        keep = keep if keep is not None else getattr(self, "keep", None)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
         for group in self.param_groups:
@@ -159,46 +160,15 @@ class Muon(torch.optim.Optimizer):
         return [gathered[(i % world) * n_chunks + i // world] for i in range(len(directions))]
 
 
-class Adam(torch.optim.Optimizer):
-    """Adam / AdamW (decoupled weight decay) whose update can be masked on the device, as Muon's: with
-    `keep` = 0 the moments, the step count and the weights stay exactly as they were. Foreach kernels,
-    torch.optim.Adam's formulas (equal to it up to rounding: tested), state on the parameters' device."""
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None, keep: Optional[torch.Tensor] = None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(step=torch.zeros((), dtype=torch.float32, device=p.device),
-                                 exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            self._update(params, group, keep)
-        return None
-
-    def _update(self, params: list, group: dict, keep) -> None:
-        grads = [p.grad for p in params]
-        m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
-        steps = [self.state[p]["step"] for p in params]
-        (beta1, beta2), lr, n = group["betas"], group["lr"], len(params)
-        one = torch.ones((), device=params[0].device) if keep is None else keep
-        torch._foreach_add_(steps, [one] * n)
-        torch._foreach_lerp_(m, grads, [one * (1 - beta1)] * n)
-        torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), [one * (1 - beta2)] * n)
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, [1 - one * (lr * group["weight_decay"])] * n)
-        counted = torch._foreach_maximum(steps, 1.0)  # a run whose first steps were all skipped has step 0
-        bc1 = torch._foreach_sub(torch._foreach_pow(beta1, counted), 1.0)  # -(1 - beta1^t)
-        bc2 = torch._foreach_sqrt(torch._foreach_neg(torch._foreach_sub(torch._foreach_pow(beta2, counted), 1.0)))
-        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(v), bc2), group["eps"])
-        step_size = torch._foreach_div([one * lr] * n, bc1)  # -lr·keep / (1 - beta1^t)
-        torch._foreach_addcdiv_(params, torch._foreach_mul(m, step_size), denom)
+def skip_if(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Make `optimizer`'s next step a no-op on the device when `finite` (0-dim bool) is False: Muon masks
+    its update (step(keep=...)); torch's fused Adam/AdamW take GradScaler's `found_inf`, with which the
+    kernel leaves weights, moments and step counts exactly as they were."""
+    if isinstance(optimizer, Muon):
+        optimizer.keep = finite.float()
+    else:
+        optimizer.found_inf = (~finite).float()
+        optimizer.grad_scale = None
 
 
 def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -227,14 +197,16 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, device: torch.devic
     """The optimizers of a run. Each param group remembers its base lr in 'base_lr' and its kind."""
     if cfg.name == "adamw":
         params = [p for p in {id(p): p for p in model.parameters() if p.requires_grad}.values()]
-        return [Adam([dict(params=params, lr=cfg.lr, base_lr=cfg.lr, kind="adam", name="all")], lr=cfg.lr,
-                     betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)]
+        return [torch.optim.AdamW([dict(params=params, lr=cfg.lr, base_lr=cfg.lr, kind="adam", name="all")],
+                                  lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                  fused=True)]
     g = param_groups(model)
     adam_groups = [
         dict(params=[p for _, p in g[k]], lr=lr, base_lr=lr, kind="adam", name=k)
         for k, lr in (("embed", cfg.lr_embed), ("head", cfg.lr_head), ("scalar", cfg.lr_scalar)) if g[k]
     ]
-    adam = Adam(adam_groups, lr=cfg.lr_embed, betas=tuple(cfg.betas), eps=cfg.eps)
+    adam = torch.optim.Adam(adam_groups, lr=cfg.lr_embed, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.0,
+                            fused=True)
     hidden = dict(params=[p for _, p in g["hidden"]], base_lr=cfg.lr_hidden, kind="muon", name="hidden")
     if getattr(cfg, "fused_qkv", False):
         index = {id(p): i for i, p in enumerate(hidden["params"])}

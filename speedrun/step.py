@@ -8,10 +8,10 @@
 * The loss head runs on every position (`MaskedLM`: static shapes for the compiler, no host sync).
 * Clipping to `optimizer.grad_clip` (0 = off); the global gradient norm is returned for the log.
 * The finite check never waits for the device: the flag (loss and gradient norm finite, agreed by all
-  ranks with an all-reduce MIN on the device) zeroes the gradients and masks every optimizer update
-  (speedrun/optim.py: `step(keep=...)`), so a non-finite step leaves weights and optimizer state exactly
-  as they were on every rank. The host reads the flag later (the loop, one step behind) to count
-  skipped steps.
+  ranks with an all-reduce MIN on the device) masks every optimizer update on the device
+  (speedrun/optim.py `skip_if`: Muon's masked step, fused Adam's `found_inf`), so a non-finite step
+  leaves weights and optimizer state exactly as they were on every rank. The host reads the flag later
+  (the loop, one step behind) to count skipped steps.
 * `restored()`: a context that snapshots weights and optimizer state and puts them back — for the
   compile warm-up and the dry run's memory probe, which run this very step.
 """
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .objectives import apply_objective, dense_loss, generator_for
+from .optim import Muon, skip_if
 
 
 class MaskedLM(nn.Module):
@@ -110,12 +111,14 @@ class TrainStep:
         if self.distributed:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         finite = finite.bool()
-        keep = finite.float()
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.masked_fill_(~finite, 0.0)
         for opt in self.optimizers:
-            opt.step(keep=keep)
+            skip_if(opt, finite)
+            if isinstance(opt, Muon):  # its momentum lerp must not read NaN: zero the gradients of a bad step
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.masked_fill_(~finite, 0.0)
+            opt.step()
         self.model.zero_grad(set_to_none=True)
         return StepResult(loss, norm.detach(), finite)
 

@@ -75,9 +75,8 @@ def test_reference_groups_and_lrs():
     assert lrs == {"embed": 0.06, "head": 0.008, "scalar": 0.04}
     assert adam.defaults["betas"] == (0.8, 0.95)
     (adamw,) = build_optimizers(m, make("optimizer", name="adamw", weight_decay=0.01), torch.device("cpu"))
-    from speedrun.optim import Adam
-
-    assert isinstance(adamw, Adam) and adamw.defaults["weight_decay"] == 0.01 and adamw.defaults["betas"] == (0.9, 0.999)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]
+    assert adamw.defaults["weight_decay"] == 0.01 and adamw.defaults["betas"] == (0.9, 0.999)
 
 
 def test_schedules():
