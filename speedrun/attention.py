@@ -32,6 +32,7 @@ output on the same packed batch.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import NamedTuple, Optional
 
@@ -49,24 +50,21 @@ def allowed(doc_q: torch.Tensor, doc_k: torch.Tensor, q_idx, k_idx, window) -> t
     return (doc_q == doc_k) & ((q_idx - k_idx).abs() < window)
 
 
-def flex_available(device: torch.device) -> bool:
+def _cuda_and_importable(device: torch.device, module: str, name: str) -> bool:
     if device.type != "cuda":
         return False
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        return hasattr(importlib.import_module(module), name)
     except ImportError:
         return False
-    return True
+
+
+def flex_available(device: torch.device) -> bool:
+    return _cuda_and_importable(device, "torch.nn.attention.flex_attention", "flex_attention")
 
 
 def varlen_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _cuda_and_importable(device, "torch.nn.attention.varlen", "varlen_attn")
 
 
 def varlen_offsets(doc_ids: torch.Tensor, n_docs: int, bound: int) -> torch.Tensor:

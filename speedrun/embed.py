@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Iterable, Sequence, Union
+from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 import torch
@@ -85,6 +85,100 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _cut(sequences: List[str], max_length: int):
+    """Encode each sequence and cut it into pieces of <= max_length tokens: a list of
+    (sequence index, piece number, number of pieces, tokens), longest first."""
+    pieces = []
+    for i, s in enumerate(sequences):
+        ids = encode(s)
+        if ids.size <= 2:
+            raise ValueError(f"sequence {i} has no residues")
+        spans = _pieces(ids, max_length)
+        for j, (a, b) in enumerate(spans):
+            pieces.append((i, j, len(spans), ids[a:b]))
+    order = sorted(range(len(pieces)), key=lambda p: (-pieces[p][3].size, p))
+    return [pieces[p] for p in order]
+
+
+def _pack(pieces, batch_tokens: int):
+    """Greedy first-fit of pieces (already longest first) into streams of <= batch_tokens tokens and at
+    most the varlen kernel's fixed number of segments: a list of lists of pieces."""
+    from .packing import max_docs
+
+    cap = max_docs(batch_tokens)
+    streams, current, used = [], [], 0
+    for piece in pieces:
+        n = piece[3].size
+        if used + n > batch_tokens or len(current) >= cap:
+            streams.append(current)
+            current, used = [], 0
+        current.append(piece)
+        used += n
+    if current:
+        streams.append(current)
+    return streams
+
+
+def _layout(members, T_pad: int):
+    """One stream's arrays: tokens, document ids, the sequence owning each residue token (-1 for
+    <cls>/<eos>/padding), the residue span (seq, piece, lo, hi) of each piece and the <cls> positions."""
+    tokens = np.full(T_pad, PAD, dtype=np.int64)
+    doc_ids = np.full(T_pad, -1, dtype=np.int32)
+    owner = np.full(T_pad, -1, dtype=np.int64)
+    spans, cls_at, pos = [], [], 0
+    for k, (i, j, n_pieces, t) in enumerate(members):
+        tokens[pos:pos + t.size] = t
+        doc_ids[pos:pos + t.size] = k
+        lo = pos + (1 if j == 0 else 0)  # drop <cls>
+        hi = pos + t.size - (1 if j == n_pieces - 1 else 0)  # drop <eos>
+        owner[lo:hi] = i
+        spans.append((i, j, lo, hi))
+        if j == 0:
+            cls_at.append((i, pos))
+        pos += t.size
+    return tokens, doc_ids, owner, spans, cls_at
+
+
+class _Pooler:
+    """Accumulates per-layer states into the pooled result. mean/cls accumulate on the model's device
+    (one index_add per layer and stream); "none" keeps, per layer and sequence, {piece: (n, d) CPU}."""
+
+    def __init__(self, pool: str, layers, n_seq: int, d: int, device):
+        self.pool, self.n_seq, self.device = pool, n_seq, device
+        if pool == "none":
+            self.parts = {a: [{} for _ in range(n_seq)] for a in layers}
+        else:
+            self.acc = {a: torch.zeros(n_seq, d, device=device) for a in layers}
+            self.counts = torch.zeros(n_seq, device=device)
+
+    def add(self, states, owner, spans, cls_at):
+        if self.pool == "mean":
+            owner_t = torch.from_numpy(owner).to(self.device)
+            keep = owner_t >= 0
+            idx = owner_t[keep]
+            self.counts.index_add_(0, idx, torch.ones(idx.numel(), device=self.device))
+            for a, h in states.items():
+                self.acc[a].index_add_(0, idx, h[keep].float())
+        elif self.pool == "cls":
+            rows = torch.tensor([i for i, _ in cls_at], device=self.device)
+            at = torch.tensor([q for _, q in cls_at], device=self.device)
+            for a, h in states.items():
+                self.acc[a][rows] = h[at].float()
+        else:
+            for a, h in states.items():
+                h = h.float().cpu()
+                for i, j, lo, hi in spans:
+                    self.parts[a][i][j] = h[lo:hi].clone()
+
+    def result(self, a):
+        if self.pool == "mean":
+            return (self.acc[a] / self.counts.unsqueeze(1)).cpu()
+        if self.pool == "cls":
+            return self.acc[a].cpu().clone()
+        parts = self.parts[a]
+        return [torch.cat([parts[i][j] for j in sorted(parts[i])]) for i in range(self.n_seq)]
+
+
 def embed(model, sequences: Union[str, Iterable[str]], *, layer: Layer = -1, pool: str = "mean",
           batch_tokens: int = 16384, max_length: int = 1024, device=None,
           dtype: torch.dtype = torch.float32):
@@ -103,52 +197,13 @@ def embed(model, sequences: Union[str, Iterable[str]], *, layer: Layer = -1, poo
     if isinstance(sequences, (str, bytes)):
         sequences = [sequences]
     sequences = list(sequences)
-    n_layers = len(model.blocks)
-    keys, absolute, single = _resolve_layers(layer, n_layers)
-    need_blocks = any(a > 0 for a in absolute)
+    keys, absolute, single = _resolve_layers(layer, len(model.blocks))
+    wanted = sorted(set(absolute))
     if device is not None:
         model.to(device)
     device = _model_device(model)
-
-    # ---- encode and cut into pieces: (seq index, piece index, tokens) ----
-    encoded = []
-    for i, s in enumerate(sequences):
-        ids = encode(s)
-        if ids.size <= 2:
-            raise ValueError(f"sequence {i} has no residues")
-        encoded.append(ids)
-    pieces = []  # (seq, piece number, n pieces, tokens)
-    for i, ids in enumerate(encoded):
-        spans = _pieces(ids, max_length)
-        for j, (a, b) in enumerate(spans):
-            pieces.append((i, j, len(spans), ids[a:b]))
-    order = sorted(range(len(pieces)), key=lambda p: (-pieces[p][3].size, p))
-
-    # ---- pack into streams of <= batch_tokens tokens ----
-    from .packing import max_docs
-
-    cap = max_docs(batch_tokens)  # the varlen attention kernel's fixed number of segments per stream
-    streams, current, used = [], [], 0
-    for p in order:
-        n = pieces[p][3].size
-        if used + n > batch_tokens or len(current) >= cap:
-            streams.append(current)
-            current, used = [], 0
-        current.append(p)
-        used += n
-    if current:
-        streams.append(current)
-
-    # ---- forward ----
-    d = model.cfg.dim
-    n_seq = len(sequences)
-    wanted = sorted(set(absolute))
-    # mean/cls accumulate on the model's device (one index_add per layer and stream); "none" keeps, per
-    # layer and sequence, {piece number: (n, d) CPU states}
-    sums = {a: torch.zeros(n_seq, d, device=device) for a in wanted} if pool == "mean" else None
-    counts = torch.zeros(n_seq, device=device) if pool == "mean" else None
-    cls = {a: torch.zeros(n_seq, d, device=device) for a in wanted} if pool == "cls" else None
-    parts = {a: [{} for _ in range(n_seq)] for a in wanted} if pool == "none" else None
+    streams = _pack(_cut(sequences, max_length), batch_tokens)
+    pooler = _Pooler(pool, wanted, len(sequences), model.cfg.dim, device)
 
     fixed_shape = getattr(model, "attn_backend", "sdpa") == "flex"
     was_training = model.training
@@ -156,64 +211,24 @@ def embed(model, sequences: Union[str, Iterable[str]], *, layer: Layer = -1, poo
     try:
         with torch.no_grad():
             for members in streams:
-                T = sum(pieces[p][3].size for p in members)
+                T = sum(piece[3].size for piece in members)
                 if fixed_shape:  # FlexAttention is compiled per shape: every stream has batch_tokens tokens
                     T_pad = batch_tokens
                 else:  # SDPA pays for the padding segment quadratically: pad only to a multiple of 128
                     T_pad = min(-(-T // _PAD_TO) * _PAD_TO, batch_tokens)
-                tokens = np.full(T_pad, PAD, dtype=np.int64)
-                doc_ids = np.full(T_pad, -1, dtype=np.int32)
-                owner = np.full(T_pad, -1, dtype=np.int64)  # sequence of each residue token, -1 elsewhere
-                spans, cls_at, pos = [], [], 0
-                for k, p in enumerate(members):
-                    i, j, n_pieces, t = pieces[p]
-                    tokens[pos:pos + t.size] = t
-                    doc_ids[pos:pos + t.size] = k
-                    lo = pos + (1 if j == 0 else 0)  # drop <cls>
-                    hi = pos + t.size - (1 if j == n_pieces - 1 else 0)  # drop <eos>
-                    owner[lo:hi] = i
-                    spans.append((i, j, lo, hi))
-                    if j == 0:
-                        cls_at.append((i, pos))
-                    pos += t.size
+                tokens, doc_ids, owner, spans, cls_at = _layout(members, T_pad)
                 ids_t = torch.from_numpy(tokens).to(device)
                 doc_t = torch.from_numpy(doc_ids).to(device)
                 states = {}
                 if 0 in wanted:
                     states[0] = model.embed_tokens(ids_t, dtype)
-                if need_blocks:
+                if any(a > 0 for a in wanted):
                     _, layers = model(ids_t, doc_t, max_length, dtype=dtype, return_layers=True)
-                    for a in wanted:
-                        if a > 0:
-                            states[a] = layers[a - 1]
-                if pool == "mean":
-                    owner_t = torch.from_numpy(owner).to(device)
-                    keep = owner_t >= 0
-                    idx = owner_t[keep]
-                    counts.index_add_(0, idx, torch.ones(idx.numel(), device=device))
-                    for a, h in states.items():
-                        sums[a].index_add_(0, idx, h[keep].float())
-                elif pool == "cls":
-                    rows = torch.tensor([i for i, _ in cls_at], device=device)
-                    at = torch.tensor([q for _, q in cls_at], device=device)
-                    for a, h in states.items():
-                        cls[a][rows] = h[at].float()
-                else:
-                    for a, h in states.items():
-                        h = h.float().cpu()
-                        for i, j, lo, hi in spans:
-                            parts[a][i][j] = h[lo:hi].clone()
+                    states.update({a: layers[a - 1] for a in wanted if a > 0})
+                pooler.add(states, owner, spans, cls_at)
     finally:
         model.train(was_training)
-
-    out = {}
-    for key, a in zip(keys, absolute):
-        if pool == "mean":
-            out[key] = (sums[a] / counts.unsqueeze(1)).cpu()
-        elif pool == "cls":
-            out[key] = cls[a].cpu().clone()
-        else:
-            out[key] = [torch.cat([parts[a][i][j] for j in sorted(parts[a][i])]) for i in range(n_seq)]
+    out = {key: pooler.result(a) for key, a in zip(keys, absolute)}
     return out[keys[0]] if single else out
 
 

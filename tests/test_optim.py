@@ -116,11 +116,7 @@ def test_batched_same_shape_matrices_match_torch_muon():
         torch.testing.assert_close(p, q, atol=2e-4, rtol=0)
 
 
-def _muon_rank(rank, world, port, shapes, out_dir):
-    import os
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _two_muon_steps(shapes):
     torch.manual_seed(0)
     ps = [torch.randn(*s, requires_grad=True) for s in shapes]
     opt = Muon(ps, lr=0.05)
@@ -129,6 +125,15 @@ def _muon_rank(rank, world, port, shapes, out_dir):
         for p in ps:
             p.grad = torch.randn_like(p)
         opt.step()
+    return ps
+
+
+def _muon_rank(rank, world, port, shapes, out_dir):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ps = _two_muon_steps(shapes)
     torch.save([p.detach() for p in ps], f"{out_dir}/rank{rank}.pt")
     dist.barrier()  # no rank tears gloo down while a peer still talks to it (that aborted ~1 run in 8)
     dist.destroy_process_group()
@@ -142,14 +147,7 @@ def test_distributed_muon_shares_work_and_matches_one_rank(tmp_path, world):
     shapes = [(32, 16)] * 5 + [(16, 16)] * 2 + [(8, 24)]  # counts not divisible by the world size
     mp.start_processes(_muon_rank, args=(world, free_port(), shapes, str(tmp_path)), nprocs=world,
                        start_method="spawn")
-    torch.manual_seed(0)
-    ps = [torch.randn(*s, requires_grad=True) for s in shapes]
-    opt = Muon(ps, lr=0.05)
-    for step in range(2):
-        torch.manual_seed(100 + step)
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        opt.step()
+    ps = _two_muon_steps(shapes)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for r in range(world):
         for got, want in zip(results[r], ps):
