@@ -532,9 +532,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if h.micro_batch_tokens < d.max_length:
         raise ConfigError(f"hardware.micro_batch_tokens={h.micro_batch_tokens} is smaller than data.max_length="
                           f"{d.max_length}: raise the micro-batch or lower data.max_length")
-    if cfg.eval.probe_every > 0 and m.arch not in ("unet", "transformer"):  # speedrun.embed's layer-wise states
+    if cfg.eval.probe_every > 0 and m.arch not in ("unet", "transformer", "esm2"):  # speedrun.embed's layer-wise states
         raise ConfigError(f"eval.probe_every={cfg.eval.probe_every} needs per-layer embeddings, which "
-                          f"model.arch={m.arch} does not provide (unet and transformer do): set eval.probe_every=0 "
+                          f"model.arch={m.arch} does not provide (unet, transformer and esm2 do): set eval.probe_every=0 "
                           "or change model.arch")
     if d.packing == "stream" and m.arch == "patch_unet":
         raise ConfigError("data.packing=stream does not apply to model.arch=patch_unet (rows of whole documents): "

@@ -129,6 +129,35 @@ def _duration(seconds) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
 
 
+def _architecture(m: dict) -> str:
+    head = f"`{m.get('arch')}`: d={m.get('dim')}, {m.get('n_layers')} layers, {m.get('n_heads')} heads"
+    if m.get("arch") == "esm2":
+        ffn = m.get("ffn_dim") or 4 * int(m.get("dim") or 0)
+        return (f"{head}, FFN {ffn}, LayerNorm eps {m.get('layer_norm_eps')}, token dropout "
+                f"{m.get('token_dropout')} (ESM-2, as transformers' `EsmForMaskedLM`)")
+    text = (f"{head}, MLP ×{m.get('mlp_ratio', 0):.3g}, head `{m.get('head')}`, tied embeddings "
+            f"{m.get('tie_embeddings')}")
+    return text + (f", value embeddings {m['value_embeddings']}" if "value_embeddings" in m else "")
+
+
+def _transformers_usage(arch) -> list:
+    native = arch == "esm2"
+    remote = "" if native else ", trust_remote_code=True"
+    return [
+        "With `transformers` (" + ("a native `EsmForMaskedLM` folder: no remote code)" if native else
+                                   "the modeling file in this folder is a self-contained torch implementation):"),
+        "",
+        "```python",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+        "",
+        f"tok = AutoTokenizer.from_pretrained(\"<this repo id or folder>\"{remote})",
+        f"model = AutoModelForMaskedLM.from_pretrained(\"<this repo id or folder>\"{remote})",
+        "logits = model(**tok([\"MKTAYIAKQRQISFVKSHFSRQ\"], return_tensors=\"pt\")).logits",
+        "```",
+        "",
+    ]
+
+
 def model_card(meta: dict, summary: dict, *, license: str = "mit") -> str:
     """The README.md of an export: YAML front matter for the Hub, then recipe, data, metrics, usage."""
     cfg = meta["training"]
@@ -162,9 +191,7 @@ def model_card(meta: dict, summary: dict, *, license: str = "mit") -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | `{m.get('arch')}`: d={m.get('dim')}, {m.get('n_layers')} layers, {m.get('n_heads')} heads, "
-        f"MLP ×{m.get('mlp_ratio', 0):.3g}, head `{m.get('head')}`, tied embeddings {m.get('tie_embeddings')}, "
-        f"value embeddings {m.get('value_embeddings')} |",
+        f"| architecture | {_architecture(m)} |",
         f"| parameters | {meta['n_params']:,} |",
         f"| objective | `{obj.get('name')}`, mask rate {obj.get('mask_rate')}"
         f"{' (80/10/10)' if obj.get('replace') else ' (`<mask>` only)'} |",
@@ -202,16 +229,7 @@ def model_card(meta: dict, summary: dict, *, license: str = "mit") -> str:
         "",
         "## Usage",
         "",
-        "With `transformers` (the modeling file in this folder is a self-contained torch implementation):",
-        "",
-        "```python",
-        "from transformers import AutoModelForMaskedLM, AutoTokenizer",
-        "",
-        "tok = AutoTokenizer.from_pretrained(\"<this repo id or folder>\", trust_remote_code=True)",
-        "model = AutoModelForMaskedLM.from_pretrained(\"<this repo id or folder>\", trust_remote_code=True)",
-        "logits = model(**tok([\"MKTAYIAKQRQISFVKSHFSRQ\"], return_tensors=\"pt\")).logits",
-        "```",
-        "",
+        *_transformers_usage(m.get("arch")),
         "With the `speedrun-plm` package (no code from the folder is executed):",
         "",
         "```python",

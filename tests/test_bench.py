@@ -45,11 +45,37 @@ def test_parity_options_and_cpu_refusal(monkeypatch):
 
     overrides, opts = parity.parse(["model=unet_tiny", "parity.batches=3", "parity.cos_tol=0.99"])
     assert overrides == ["model=unet_tiny"] and opts["batches"] == 3 and opts["cos_tol"] == 0.99
-    with pytest.raises(SystemExit, match="unknown parity option parity.nope"):
+    from speedrun.errors import SpeedrunError
+
+    with pytest.raises(SpeedrunError, match="unknown parity option parity.nope"):
         parity.parse(["parity.nope=1"])
+    with pytest.raises(SpeedrunError, match="parity.overwrite=maybe: use parity.overwrite=true"):
+        parity.parse(["parity.overwrite=maybe"])
+    assert parity.parse(["parity.overwrite=false"])[1]["overwrite"] is False
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(SystemExit, match="run it on a GPU machine"):
+    with pytest.raises(SpeedrunError, match="run it on a GPU machine"):
         parity.main(["model=unet_tiny"])
+
+
+def test_bench_cli_mistakes_are_one_line(tmp_path):
+    """No GPU for hardware=gpu, an existing results file, a bad option value: one line each, exit 2,
+    and the file that was there is left as it was."""
+    import os
+    import subprocess
+    import sys
+
+    existing = tmp_path / "mine.json"
+    existing.write_text("{}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cases = [(["model=unet_tiny", "hardware=gpu"], "no CUDA GPU is visible"),
+             (["model=unet_tiny", f"bench.out={existing}"], "bench.overwrite=true"),
+             (["bench.steps=many"], "bench.steps=many is not an int")]
+    for args, needle in cases:
+        r = subprocess.run([sys.executable, "-m", "speedrun.bench", *args], capture_output=True, text=True,
+                           env=env, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+    assert existing.read_text() == "{}"
 
 
 def test_bench_counts_graphs_compiled_after_the_first_step(monkeypatch):

@@ -6,6 +6,7 @@ when transformers is not installed; the rest (presets, parameter groups, positio
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -240,7 +241,9 @@ def test_init_from_an_esm_folder_trains_and_exports_a_native_esm(hf_folder, tmp_
     from speedrun.train import run
 
     folder, hf_model = hf_folder
-    cfg = _esm_run_cfg(folder, "train.max_steps=3", "optimizer=adamw", "optimizer.lr=1e-4")
+    cfg = _esm_run_cfg(folder, "train.max_steps=3", "optimizer=adamw", "optimizer.lr=1e-4",
+                       "eval.probe_every=3", f"eval.probe_tasks=[meltome@{CONF.parent / 'tests/fixtures/probes/meltome.csv'}]",
+                       "eval.probe_max_sequences=20")  # the in-training probes read ESM-2's layer states too
     fresh = build_model(cfg.model)
     init_from(fresh, str(folder))  # before training: our forward is theirs
     docs = documents(masked=True)
@@ -248,8 +251,12 @@ def test_init_from_an_esm_folder_trains_and_exports_a_native_esm(hf_folder, tmp_
         assert (ours - theirs).abs().max() <= TOL
     summary = run(cfg, tmp_path / "run")
     assert summary["status"] == "done" and summary["n_params"] == fresh.num_params()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(math.isfinite(r.get("probe/score", math.nan)) for r in rows)
     out = export(tmp_path / "run", tmp_path / "export")
     assert not (out / "modeling_speedrun_plm.py").exists()  # native: no remote code
+    card = (out / "README.md").read_text()
+    assert "None" not in card and "trust_remote_code" not in card and "ESM-2" in card
     back = transformers.EsmForMaskedLM.from_pretrained(out).eval()
     import speedrun
 

@@ -182,6 +182,11 @@ def test_errors_are_one_line(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline_hub)
     with pytest.raises(ExportError, match="cannot download someone/absent from the Hugging Face Hub"):
         load("someone/absent")
+    with pytest.raises(ExportError, match="is not a torch device"):
+        load(trained, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ExportError, match="no CUDA GPU is visible: load with device='cpu'"):
+            load(trained, device="cuda")
     out = export(trained, tmp_path / "out")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)

@@ -15,7 +15,7 @@ data=local data.path=DIR`), then it runs the real training loop (speedrun.train.
   sliding window nor the mask-rate schedule forces a recompile).
 
 Bench-only keys: bench.steps (timed steps, default 20), bench.warmup (steps excluded from the
-statistics, default 3), bench.peak_tflops, bench.out (a JSON file for the results), bench.profile
+statistics, default 3), bench.peak_tflops, bench.out (a JSON file for the results; an existing one needs bench.overwrite=true), bench.profile
 (a Chrome-trace path: profile up to 3 steps after the warm-up and print where the time goes, grouped
 into attention / GEMM / fused Triton kernels / other; speedrun/bench/profile.py). Profiled steps run
 slower than the others, so read speed from a run without bench.profile.
@@ -23,11 +23,27 @@ On CPU with a tiny model it exercises the same code path (tests/test_bench.py).
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ..errors import SpeedrunError, cli_main
+
+
+def _value(key: str, text: str, default):
+    if default is None:
+        return text
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise SpeedrunError(f"{key}={text}: use {key}=true or {key}=false")
+        return text.lower() == "true"
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise SpeedrunError(f"{key}={text} is not a{'n' if type(default) is int else ''} "
+                            f"{type(default).__name__}") from None
+
 
 CONF = Path(__file__).resolve().parent.parent.parent / "conf"
 
@@ -40,8 +56,8 @@ def split_options(argv: list[str], prefix: str, defaults: dict) -> tuple[list[st
         if a.startswith(prefix + "."):
             k, _, v = a[len(prefix) + 1:].partition("=")
             if k not in opts:
-                raise SystemExit(f"error: unknown {prefix} option {prefix}.{k}: choose from {', '.join(opts)}")
-            opts[k] = v if defaults[k] is None else type(defaults[k])(v)
+                raise SpeedrunError(f"unknown {prefix} option {prefix}.{k}: choose from {', '.join(opts)}")
+            opts[k] = _value(f"{prefix}.{k}", v, defaults[k])
         else:
             overrides.append(a)
     return overrides, opts
@@ -49,21 +65,34 @@ def split_options(argv: list[str], prefix: str, defaults: dict) -> tuple[list[st
 
 def parse(argv: list[str]) -> tuple[list[str], dict]:
     return split_options(argv, "bench", {"steps": 20, "warmup": 3, "peak_tflops": 793.0, "out": None,
-                                         "profile": None})
+                                         "overwrite": False, "profile": None})
 
 
 def compose(overrides: list[str]):
     from ..compose import compose as compose_run
-    from ..errors import ConfigError
 
-    try:
-        return compose_run(overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    return compose_run(overrides)
+
+
+def claim_out(opts: dict, prefix: str):
+    """The results files, refused before any work when they exist (`PREFIX.overwrite=true` replaces them)."""
+    from ..fsutil import claim_output_file
+
+    for key in ("out", "profile"):
+        if opts.get(key):
+            claim_output_file(opts[key], opts["overwrite"], flag=f"{prefix}.overwrite=true")
+
+
+def write_out(opts: dict, result: dict):
+    if opts["out"]:
+        from ..fsutil import write_json
+
+        write_json(opts["out"], result)
 
 
 def main(argv: list[str] | None = None) -> dict:
     overrides, bench = parse(sys.argv[1:] if argv is None else argv)
+    claim_out(bench, "bench")
     cfg = compose(overrides)
     cfg.train.max_steps = bench["warmup"] + bench["steps"] + 1  # +1: the first step has no predecessor
     cfg.train.log_every = max(1, cfg.train.max_steps)
@@ -96,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if bench["profile"]:
             if cfg.hardware.gpus > 1:
-                raise SystemExit("error: bench.profile profiles one process: set hardware.gpus=1")
+                raise SpeedrunError("bench.profile profiles one process: set hardware.gpus=1")
             from .profile import profiling
 
             on_gpu = cfg.hardware.device == "cuda" or (cfg.hardware.device == "auto" and torch.cuda.is_available())
@@ -146,10 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {k:<{width}}  {shown}")
     if profiled.get("text"):
         print(profiled["text"])
-    if bench["out"]:
-        Path(bench["out"]).write_text(json.dumps(result, indent=2) + "\n")
+    write_out(bench, result)
     return result
 
 
+def _cli(argv=None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(_cli))

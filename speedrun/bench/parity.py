@@ -16,17 +16,18 @@ side's (model.attention, auto: FA4 on Hopper): one call then checks compiled vs 
 from __future__ import annotations
 
 import copy
-import json
 import sys
 
 import torch
+
+from ..errors import SpeedrunError, cli_main
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict]:
     from .__main__ import split_options
 
     return split_options(argv, "parity", {"batches": 2, "loss_tol": 2e-3, "cos_tol": 0.999, "out": None,
-                                          "eager_attention": None})
+                                          "overwrite": False, "eager_attention": None})
 
 
 def loss_and_grads(model, batch, backend_window, dtype) -> tuple[float, dict[str, torch.Tensor]]:
@@ -46,9 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     overrides, opts = parse(sys.argv[1:] if argv is None else argv)
     from . import __main__ as bench_cli
 
+    bench_cli.claim_out(opts, "parity")
     cfg = bench_cli.compose(overrides)
     if not torch.cuda.is_available():
-        raise SystemExit("error: speedrun.bench.parity compares the compiled CUDA path with eager; "
+        raise SpeedrunError("speedrun.bench.parity compares the compiled CUDA path with eager; "
                          "run it on a GPU machine (hardware=gpu)")
     from ..data import data_files
     from ..data.loader import TrainStream
@@ -114,13 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     ok = res["max_loss_diff"] <= opts["loss_tol"] and res["min_grad_cosine"] >= opts["cos_tol"]
     print(f"parity {'ok' if ok else 'FAILED'}: max loss diff {res['max_loss_diff']:.2e} (tol {opts['loss_tol']:g}), "
           f"min gradient cosine {res['min_grad_cosine']:.6f} (tol {opts['cos_tol']:g})")
-    if opts["out"]:
-        with open(opts["out"], "w") as f:
-            json.dump(res, f, indent=2)
-    if not ok:
-        raise SystemExit(1)
+    res["ok"] = ok
+    bench_cli.write_out(opts, res)
     return res
 
 
+def _cli(argv=None) -> int:
+    return 0 if main(argv)["ok"] else 1
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(_cli))

@@ -141,15 +141,33 @@ def _hub(source: str, revision: Optional[str]) -> Path:
                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
 
 
+def _target_device(device) -> torch.device:
+    """The device to load onto, checked before any weights are read (one line when it is not there)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"device={device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("device='cuda' but no CUDA GPU is visible: load with device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device={str(device)!r} but {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device='mps' but MPS is not available: load with device='cpu'")
+    return device
+
+
 def open_model(source, *, device=None, revision: Optional[str] = None, checkpoint: Optional[str] = None):
     """A trained model in eval mode on `device`, with `.meta`; see the module docstring."""
+    device = _target_device(device)
     path = Path(source)
     if not path.exists():
         if isinstance(source, str) and _REPO_ID.match(source) and not source.startswith((".", "/", "~")):
             return open_model(_hub(source, revision), device=device, checkpoint=checkpoint)
         raise ModelLoadError(f"{source}: no such folder, and not a Hub repo id (owner/name)")
     found = _describe(path) if not checkpoint else "checkpoint"
-    device = torch.device(device) if device is not None else torch.device("cpu")
     if found is None:
         from .esm2 import open_hf_folder
 
