@@ -321,6 +321,18 @@ def test_lr_search_names_the_fastest_trial(tmp_path):
     assert f"best trial (Optuna): `{fastest}`" in md and "optimizer.lr_hidden" in md  # a searched knob is a column
 
 
+def test_a_search_in_which_no_trial_finishes_ends_in_lines_not_a_traceback(tmp_path):
+    """Every trial fails (its data folder is missing): each says why in one line, the search says there is
+    no best trial, launch.py lists the failed jobs, exit 1 -- no Optuna ValueError out of Hydra."""
+    sweep = tmp_path / "search"
+    r = _launch(select("lr_search"), "hydra.sweeper.n_trials=2", *TINY, "data=local",
+                f"data.path={tmp_path}/nowhere", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 4 and sum("does not exist" in ln for ln in errors) == 2, errors
+    assert "no trial of the search finished" in errors[2] and "2 job(s) of the sweep failed" in errors[3]
+
+
 @pytest.mark.slow
 def test_paired_sweep_runs_the_pairs(tmp_path):
     """sweep=scaled_batches (hydra-list-sweeper) with two tiny pairs: each run gets the i-th value of every
