@@ -165,7 +165,9 @@ def announce(run: Run, claim) -> None:
              f"parameters | {cfg.optimizer.name} | {cfg.objective.name} rate {mask_rate_at(cfg.objective, 0)} | "
              f"attention {d['attention']} | {run.device} x{run.info.world_size} | {d['threads']} CPU threads")
     log.info(f"batch: {geo['batch_tokens']:,} tokens/step = {geo['micro_batch_tokens']:,} tokens x "
-             f"{geo['grad_accum']} micro-steps x {run.info.world_size} rank(s); {cfg.train.max_steps} steps")
+             f"{geo['grad_accum']} micro-steps x {geo['world_size']} rank(s)"
+             + (" (planned: a dry run in this one process)" if geo["world_size"] != run.info.world_size else "")
+             + f"; {cfg.train.max_steps} steps")
     if getattr(cfg.model, "tie_embeddings", False) and hasattr(cfg.optimizer, "lr_embed"):
         log.info(f"model.tie_embeddings=true: the shared embedding/decoder matrix trains with the embeddings, at "
                  f"optimizer.lr_embed={cfg.optimizer.lr_embed:g}")

@@ -154,6 +154,7 @@ def test_dry_run_of_an_8_gpu_config_on_this_cpu_machine(tmp_path):
     assert s["batch"] == {"micro_batch_tokens": 65536, "grad_accum": 1, "world_size": 8, "batch_tokens": 524288}
     assert "the measured peak memory needs the GPU" in s["device_note"] and "peak_memory_gib" not in s
     assert "8 rank(s) (8 GPU(s) x 1 node(s))" in r.stdout and "needs the GPU" in r.stdout
+    assert "x 1 rank(s)" not in r.stdout + r.stderr  # the log's batch line plans the 8 ranks too
 
 
 def test_gpu_configs_without_a_gpu(tmp_path):
